@@ -1,0 +1,246 @@
+"""The run-config schema, the arg parser for `get_config(arg)` and validation.
+
+Every config file under `configs/` starts from `base_config()` and changes fields; no
+config may add keys the schema lacks. `validate(config, n_devices)` runs before anything
+is compiled and raises `ConfigError` with one line naming the key, the value and what
+would be valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import ml_collections
+
+from mmjax.models import llama
+from mmjax.sharding import DEFAULT_RULES
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line."""
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'key=value,key2=value2' config args (big_vision style) over typed defaults."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"config arg {key!r} is unknown; valid args: {', '.join(sorted(defaults))}")
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes", "")
+    else:
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ConfigError(f"config arg {key}={value!r} is not a valid {kind.__name__}") from None
+  return out
+
+
+def model_config_dict(**overrides) -> ml_collections.ConfigDict:
+  """`config.model`: the fields of `LlamaConfig`, plus `name` and a flat llama3 rope scaling."""
+  fields = {f.name: f.default for f in dataclasses.fields(llama.LlamaConfig)}
+  fields.pop("rope_scaling")
+  fields.update(
+      name="llama",  # model family
+      vocab_size=-1,  # -1: take the tokenizer's vocabulary size
+      rope_scaling=ml_collections.ConfigDict(dict(
+          type="none",  # 'none' or 'llama3'
+          factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+          original_max_position_embeddings=8192)),
+  )
+  cfg = ml_collections.ConfigDict(fields)
+  cfg.update(overrides)
+  return cfg
+
+
+def llama_config(model_cfg, vocab_size: int | None = None, lora_cfg=None) -> llama.LlamaConfig:
+  """The model's own config from `config.model` (and the LoRA scale settings)."""
+  d = model_cfg.to_dict()
+  rs = d.pop("rope_scaling")
+  d["rope_scaling"] = None if rs["type"] == "none" else {k: v for k, v in rs.items() if k != "type"}
+  if d["vocab_size"] == -1:
+    d["vocab_size"] = vocab_size
+  if lora_cfg is not None:
+    d.update(lora_alpha=lora_cfg.alpha, lora_rslora=lora_cfg.rslora, lora_dropout=lora_cfg.dropout)
+  return llama.LlamaConfig.from_dict(d)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a run config may have, with its default. One comment per field."""
+  from mmjax.data.pipeline import default_data_config
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # init, dropout and data order all derive from it
+  c.objective = "sft"  # the loss: 'sft'
+  c.model = model_config_dict()
+  c.init_from_hf = ""  # a local Hugging Face model directory to start from ('' = random init)
+  c.lora = ml_collections.ConfigDict(dict(
+      targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",  # regex over module paths; '' = none
+      rank=8,
+      alpha=16.0,
+      dropout=0.0,
+      rslora=False,  # scale alpha/sqrt(rank) instead of alpha/rank
+  ))
+  c.trainable = ("lora/.*",)  # regexes (full match) over variable paths such as 'params/lm_head/kernel'
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-3, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0,
+      decay_mask=r".*/(kernel|a|b)",  # regex over trainable paths that get weight decay
+      schedule="cosine",  # 'cosine', 'linear' or 'constant' after warmup
+      warmup_steps=10,
+      end_lr_fraction=0.1,  # final lr = lr * end_lr_fraction
+      clip_norm=1.0,  # global-norm clipping; 0 = off
+  ))
+  c.data = default_data_config()
+  c.seq_len = 64  # tokens per row
+  c.batch_size = 16  # global batch (rows per optimizer step, all hosts together)
+  c.grad_accum = 1  # micro-batches per step; the loss is normalised over all of them
+  c.steps = 100  # optimizer steps
+  c.eval_every = 50  # 0 = only before and after training
+  c.eval_batch_size = 32
+  c.log_every = 10
+  c.checkpoint_every = 50  # also saved at the end and on SIGTERM/SIGINT
+  c.keep_checkpoints = 2
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one axis may be -1
+  c.rules = tuple((k, v) for k, v in DEFAULT_RULES)  # logical axis -> mesh axes
+  c.peak_tflops_per_device = 0.0  # for MFU; 0 = look up the device in the peak table
+  c.print_samples = 0  # after training, greedy-decode this many eval prompts and print them
+  return c
+
+
+CHOICES = {
+    "objective": ("sft",),
+    "model.name": ("llama",),
+    "model.dtype": tuple(llama.DTYPES),
+    "model.param_dtype": tuple(llama.DTYPES),
+    "model.remat": tuple(llama.REMAT_POLICIES),
+    "model.attention": ("xla", "cudnn"),
+    "model.rope_scaling.type": ("none", "llama3"),
+    "optimizer.schedule": ("cosine", "linear", "constant"),
+}
+POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "checkpoint_every",
+            "keep_checkpoints", "eval_batch_size", "lora.rank", "optimizer.lr")
+
+
+def _walk(cfg, prefix=""):
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _walk(value, path + ".")
+    else:
+      yield path, value
+
+
+def _get(cfg, path):
+  for k in path.split("."):
+    cfg = cfg[k]
+  return cfg
+
+
+def _type_ok(want, value) -> bool:
+  if isinstance(want, bool):
+    return isinstance(value, bool)
+  if isinstance(want, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(want, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(want, str):
+    return isinstance(value, str)
+  if isinstance(want, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return True
+
+
+def check_schema(config, schema) -> None:
+  """Unknown keys and wrong types, against `base_config()`."""
+  known = dict(_walk(schema))
+  for path, value in _walk(config):
+    if path not in known:
+      parent = path.rpartition(".")[0]
+      siblings = sorted(p.rpartition(".")[2] for p in known if p.rpartition(".")[0] == parent)
+      raise ConfigError(f"unknown config key {path!r}; valid keys{' under ' + repr(parent) if parent else ''}: "
+                        f"{', '.join(siblings)}")
+    want = known[path]
+    if want is None or value is None:
+      continue
+    if not _type_ok(want, value):
+      raise ConfigError(f"config.{path}={value!r} has type {type(value).__name__}; "
+                        f"expected {type(want).__name__} (like the default {want!r})")
+
+
+def validate(config, n_devices: int, process_count: int = 1, abstract_params=None) -> None:
+  """Checks the config before any compile. Raises ConfigError (one line)."""
+  check_schema(config, base_config())
+  for path, options in CHOICES.items():
+    value = _get(config, path)
+    if value not in options:
+      raise ConfigError(f"config.{path}={value!r} is not valid; choose one of {', '.join(map(repr, options))}")
+  for path in POSITIVE:
+    value = _get(config, path)
+    if not value > 0:
+      raise ConfigError(f"config.{path}={value!r} must be > 0")
+  if not 0.0 <= config.lora.dropout < 1.0:
+    raise ConfigError(f"config.lora.dropout={config.lora.dropout!r} must be in [0, 1)")
+  m = config.model
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f"config.model.n_heads={m.n_heads} must be a multiple of config.model.n_kv_heads={m.n_kv_heads}")
+  if m.head_dim % 2:
+    raise ConfigError(f"config.model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)")
+  for regex_key in ("lora.targets", "optimizer.decay_mask"):
+    _check_regex(regex_key, _get(config, regex_key))
+  for pattern in config.trainable:
+    _check_regex("trainable", pattern)
+
+  from mmjax.sharding import data_parallel_size, mesh_shape, rules_from_config
+  try:
+    shape = mesh_shape(config.mesh, n_devices)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  sizes = dict(zip(("data", "fsdp", "tensor"), shape))
+  rules = dict(rules_from_config(config.rules))
+  batch_axes = rules.get("act_batch") or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  dp = 1
+  for a in batch_axes:
+    dp *= sizes[a]
+  need = dp * config.grad_accum
+  if config.batch_size % need:
+    raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the data-parallel size "
+                      f"{dp} x config.grad_accum={config.grad_accum} = {need}")
+  if config.batch_size % process_count:
+    raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the process count {process_count}")
+  if abstract_params is not None:
+    check_targets(config, abstract_params)
+
+
+def _check_regex(key, pattern):
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"config.{key}={pattern!r} is not a valid regex ({e})") from None
+
+
+def check_targets(config, abstract_params) -> None:
+  """LoRA targets and trainable regexes must each match something."""
+  from flax import traverse_util
+  from mmjax import lora
+  from mmjax.train.state import is_trainable
+  if config.lora.targets:
+    if not lora.target_paths(abstract_params, config.lora.targets):
+      modules = sorted({p.rsplit("/", 1)[0] for p in traverse_util.flatten_dict(abstract_params, sep="/")
+                        if p.endswith("/kernel")})
+      examples = ", ".join(modules[:6])
+      raise ConfigError(f"config.lora.targets={config.lora.targets!r} matches no module; module paths look like: {examples}")
+  paths = ["params/" + p for p in traverse_util.flatten_dict(abstract_params, sep="/")]
+  if config.lora.targets:
+    paths += ["lora/" + m + "/" + x for m in lora.target_paths(abstract_params, config.lora.targets) for x in "ab"]
+  for pattern in config.trainable:
+    if not any(is_trainable(p, [pattern]) for p in paths):
+      raise ConfigError(f"config.trainable entry {pattern!r} matches no variable; paths look like: "
+                        f"{', '.join(paths[:3])}, ..., {paths[-1]}")

@@ -1,0 +1,289 @@
+"""The one training loop: init or restore, data, jitted step, eval, log, checkpoint, preemption.
+
+`build(config, mesh)` assembles everything a run needs (model, objective, optimizer,
+shardings, jitted functions) without touching data or disk; `train_and_evaluate(config,
+workdir)` runs it. Tests import both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
+import optax
+
+from mmjax import config_lib, lora as lora_lib, sharding
+from mmjax.models.llama import Llama
+from mmjax.train import checkpoint as ckpt_lib
+from mmjax.train import metrics as metrics_lib
+from mmjax.train import state as state_lib
+from mmjax.train import step as step_lib
+from mmjax.train.sft import SFT
+
+
+class NonFiniteLoss(RuntimeError):
+  """Training produced a NaN/Inf loss; nothing from that step was saved."""
+
+
+OBJECTIVES = {"sft": SFT}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything needed to step a model, built from a config and a mesh."""
+  config: Any
+  mesh: Any
+  rules: tuple
+  model_cfg: Any
+  model: nn.Module
+  objective: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init_state: Any  # jitted rng -> TrainState, created directly in its shardings
+  abstract_state: Any  # TrainState of ShapeDtypeStructs with shardings
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
+  eval_step: Any  # jitted (state, batch) -> metric sums
+  flops_per_token: float
+
+  def global_batch(self, local: dict) -> dict:
+    """Places this process's rows of a batch as one global array per field."""
+    fields = self.objective.batch_fields
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k]))
+            for k in fields}
+
+
+def _param_logical_axes(model, dummy):
+  boxed = jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0), dummy)
+  return sharding.logical_axes_tree(boxed["params"]), nn.meta.unbox(boxed["params"])
+
+
+def init_variables(rng, model, dummy, lora_cfg) -> dict:
+  """Random base params and, when `lora_cfg.targets` is set, a fresh adapter."""
+  p_rng, l_rng = jax.random.split(rng)
+  params = nn.meta.unbox(model.init(p_rng, dummy)["params"])
+  variables = {"params": params}
+  if lora_cfg.targets:
+    variables["lora"] = lora_lib.init(l_rng, params, lora_cfg.targets, lora_cfg.rank)
+  return variables
+
+
+def build(config, mesh, vocab_size: int) -> Run:
+  rules = sharding.rules_from_config(config.rules)
+  model_cfg = config_lib.llama_config(config.model, vocab_size, config.lora)
+  model = Llama(model_cfg)
+  objective = OBJECTIVES[config.objective](model)
+  dummy = jnp.zeros((1, config.seq_len), jnp.int32)
+  param_names, abstract_params = _param_logical_axes(model, dummy)
+  config_lib.check_targets(config, abstract_params)
+
+  tx, schedule = state_lib.make_optimizer(config.optimizer, config.steps)
+  patterns = tuple(config.trainable)
+
+  def make_state(rng):
+    variables = init_variables(rng, model, dummy, config.lora)
+    return state_lib.create_state(variables, patterns, tx)
+
+  shapes = jax.eval_shape(make_state, jax.random.key(0))
+  names = {"params": param_names}
+  if config.lora.targets:
+    flat_names = traverse_util.flatten_dict(param_names, sep="/", is_leaf=lambda _, x: isinstance(x, tuple))
+    variables_shape = state_lib.merge_trees(shapes.trainable, shapes.frozen)
+    names["lora"] = lora_lib.logical_axes(flat_names, variables_shape["lora"])
+  train_names, frozen_names = _split_names(names, patterns)
+  repl = NamedSharding(mesh, P())
+  train_sh = sharding.tree_shardings(shapes.trainable, train_names, mesh, rules)
+  frozen_sh = sharding.tree_shardings(shapes.frozen, frozen_names, mesh, rules)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, train_sh,
+                                 transform_non_params=lambda _: repl)
+  state_sh = state_lib.TrainState(step=repl, trainable=train_sh, frozen=frozen_sh, opt_state=opt_sh)
+  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes, state_sh)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+
+  init_state = jax.jit(make_state, out_shardings=state_sh)
+  train_step = jax.jit(
+      functools.partial(step_lib.train_step, objective=objective, tx=tx, accum_steps=config.grad_accum),
+      in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
+  eval_step = jax.jit(functools.partial(step_lib.eval_step, objective=objective),
+                      in_shardings=(state_sh, batch_sh), out_shardings=repl)
+  flops = _flops_per_token(model_cfg, config, abstract_params, shapes, patterns)
+  return Run(config, mesh, rules, model_cfg, model, objective, tx, schedule, init_state, abstract_state,
+             state_sh, batch_sh, train_step, eval_step, flops)
+
+
+def _split_names(names, patterns):
+  flat = traverse_util.flatten_dict(names, sep="/", is_leaf=lambda _, x: isinstance(x, tuple) or x is None)
+  train = {p: v for p, v in flat.items() if state_lib.is_trainable(p, patterns)}
+  frozen = {p: v for p, v in flat.items() if not state_lib.is_trainable(p, patterns)}
+  return traverse_util.unflatten_dict(train, sep="/"), traverse_util.unflatten_dict(frozen, sep="/")
+
+
+def _flops_per_token(model_cfg, config, abstract_params, shapes, patterns) -> float:
+  flat = traverse_util.flatten_dict(abstract_params, sep="/")
+  kernels = {"params/" + p: x.shape for p, x in flat.items() if p.endswith("kernel") and len(x.shape) == 2}
+  if model_cfg.tie_embeddings:
+    kernels["params/embed/embedding"] = flat["embed/embedding"].shape[::-1]
+  trained = {p for p in kernels if state_lib.is_trainable(p, patterns)}
+  lora_shapes = {}
+  if config.lora.targets:
+    for m in lora_lib.target_paths(abstract_params, config.lora.targets):
+      d_in, d_out = flat[m + "/kernel"].shape
+      lora_shapes[m] = (d_in, d_out, config.lora.rank)
+  return metrics_lib.train_flops_per_token(model_cfg, config.seq_len, kernels, trained, lora_shapes)
+
+
+def evaluate(run: Run, state, batches) -> dict:
+  """Mean eval metrics over a fixed list of local batches (normalised by total loss tokens)."""
+  totals = None
+  for local in batches:
+    sums = run.eval_step(state, run.global_batch(local))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  norm = max(float(totals.pop("normaliser")), 1.0)
+  return {k: float(v) / norm for k, v in totals.items()}
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+  def requested(self) -> bool:
+    flag = self.signal is not None
+    if jax.process_count() > 1:  # all hosts must stop at the same step
+      from jax.experimental import multihost_utils
+      flag = bool(multihost_utils.process_allgather(np.array(flag)).any())
+    return flag
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config.steps` steps (resuming from `workdir/checkpoints` if present).
+
+  Returns a summary: eval metrics before/after, last train metrics, whether it was stopped
+  by a signal. Raises NonFiniteLoss (after keeping the last good checkpoint intact).
+  """
+  from mmjax.data import pipeline
+  from mmjax.data.tokenizer import load_tokenizer
+
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  run = build(config, mesh, tokenizer.vocab_size)
+  pidx, pcount = jax.process_index(), jax.process_count()
+
+  train_iter = pipeline.make_train_iterator(
+      config.data, global_batch=config.batch_size, seq_len=config.seq_len, seed=config.seed,
+      process_index=pidx, process_count=pcount, tokenizer=tokenizer)
+  eval_batches = pipeline.make_eval_batches(
+      config.data, batch=config.eval_batch_size // pcount if config.eval_batch_size >= pcount else 1,
+      seq_len=config.seq_len, tokenizer=tokenizer, process_index=pidx, process_count=pcount)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  writer = metrics_lib.MetricsWriter(workdir, config.steps)
+  with mesh:
+    state = run.init_state(jax.random.key(config.seed))
+    start = 0
+    if ckpt.latest_step() is not None:
+      state = ckpt.restore(state, train_iter)
+      start = int(jax.device_get(state.step))
+      writer.line(f"resumed from {ckpt.directory}/{start}")
+    n_train = lora_lib.count(state.trainable)
+    n_total = n_train + lora_lib.count(state.frozen)
+    writer.line(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
+                f"{pcount} process(es); trainable {n_train:,} of {n_total:,} parameters")
+    summary = {"start_step": start, "preempted": False}
+    if start == 0 or config.eval_every:
+      summary["eval_before"] = evaluate(run, state, eval_batches)
+      writer.write(start, summary["eval_before"], "eval")
+      writer.line(f"eval at step {start}: " + _fmt(summary["eval_before"]))
+
+    peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.model.dtype,
+                                   config.peak_tflops_per_device)
+    rng = jax.random.key(config.seed + 1)
+    last = None
+    with _StopFlag() as stop:
+      t_prev = time.perf_counter()
+      for step in range(start, config.steps):
+        batch = run.global_batch(next(train_iter))
+        state, m = run.train_step(state, batch, rng)
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now
+        if not math.isfinite(float(m["loss"])):
+          last_good = ckpt.latest_step()
+          where = f"{ckpt.directory}/{last_good}" if last_good is not None else "none saved yet"
+          ckpt.close()
+          writer.close()
+          raise NonFiniteLoss(f"non-finite loss {float(m['loss'])} at step {step + 1}; stopped without saving; "
+                              f"last good checkpoint: {where}")
+        last = _step_metrics(run, m, step, dt, peak)
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps or done == start + 1:
+          writer.write(done, last)
+          writer.progress(done, last)
+        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+          ev = evaluate(run, state, eval_batches)
+          writer.write(done, ev, "eval")
+          writer.line(f"eval at step {done}: " + _fmt(ev))
+        if done % config.checkpoint_every == 0:
+          ckpt.save(state, train_iter)
+        if stop.requested():
+          ckpt.save(state, train_iter, force=True)
+          writer.line(f"stopped by signal at step {done}; checkpoint saved in {ckpt.directory}/{done}")
+          summary["preempted"] = True
+          break
+      else:
+        ckpt.save(state, train_iter, force=True)
+    if not summary["preempted"]:
+      summary["eval_after"] = evaluate(run, state, eval_batches)
+      writer.write(int(jax.device_get(state.step)), summary["eval_after"], "eval")
+      writer.line(f"eval at step {int(jax.device_get(state.step))}: " + _fmt(summary["eval_after"]))
+    summary["train"] = last
+    summary["state"] = state
+    summary["run"] = run
+  ckpt.close()
+  writer.close()
+  return summary
+
+
+def _step_metrics(run: Run, m: dict, step: int, dt: float, peak) -> dict:
+  n_dev = jax.device_count()
+  padded_tokens = run.config.batch_size * run.config.seq_len
+  tflops = run.flops_per_token * padded_tokens / dt / 1e12 / n_dev
+  out = {
+      "loss": float(m["loss"]), "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
+      "lr": float(run.schedule(step)), "step_time_s": dt,
+      "tokens_per_s": float(m["tokens"]) / dt, "tflops_per_s": tflops,
+      "mfu": (tflops / peak) if peak else None,
+  }
+  return out
+
+
+def _fmt(metrics: dict) -> str:
+  return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())

@@ -1,0 +1,108 @@
+"""Run metrics: analytic FLOPs, MFU, and writers for JSON lines, TensorBoard and the terminal."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+# Dense peak TFLOP/s per device by (device kind substring, compute dtype). Sources: vendor
+# data sheets (dense, no sparsity). fp32 on NVIDIA uses TF32 tensor cores only if enabled,
+# so the fp32 entries are the plain FP32 peaks. CPUs are not listed: report TFLOP/s only,
+# or pass config.peak_tflops_per_device (e.g. measured by tools/bench.py --peak).
+PEAK_TFLOPS = {
+    ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
+    ("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
+    ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+    ("L4", "bfloat16"): 121.0, ("L4", "float32"): 30.3,
+    ("TPU v4", "bfloat16"): 275.0, ("TPU v5 lite", "bfloat16"): 197.0, ("TPU v5", "bfloat16"): 459.0,
+}
+
+
+def peak_tflops(device_kind: str, dtype: str, override: float = 0.0) -> float | None:
+  if override > 0:
+    return override
+  for (kind, dt), value in PEAK_TFLOPS.items():
+    if kind.lower() in device_kind.lower() and dt == dtype:
+      return value
+  return None
+
+
+def train_flops_per_token(model_cfg, seq_len: int, kernels: dict, trainable_kernels: set,
+                          lora_shapes: dict) -> float:
+  """Analytic FLOPs of one training step per token.
+
+  kernels: path -> (d_in, d_out) of every matmul weight (embedding lookups excluded; a
+  tied head counts once as a matmul). Forward 2*in*out; backward activation gradient
+  2*in*out; weight gradient 2*in*out only for trained kernels (frozen weights need none).
+  LoRA adds 6*r*(in+out) per adapted kernel. Causal attention: QK^T and AV, forward
+  2*2*(T/2)*N*H per layer and twice that backward.
+  """
+  total = 0.0
+  for path, (d_in, d_out) in kernels.items():
+    mm = 2.0 * d_in * d_out
+    total += mm * (2 + (path in trainable_kernels))
+  for _, (d_in, d_out, r) in lora_shapes.items():
+    total += 6.0 * r * (d_in + d_out)
+  attn_fwd = 2 * 2 * (seq_len / 2) * model_cfg.n_heads * model_cfg.head_dim
+  total += 3 * attn_fwd * model_cfg.n_layers
+  return total
+
+
+class MetricsWriter:
+  """Writes metrics on process 0: `metrics.jsonl`, TensorBoard events under `tb/`, and a
+  progress line (a bar on a terminal, plain lines otherwise)."""
+
+  def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.total = total_steps
+    self.tty = sys.stdout.isatty()
+    self.start = time.time()
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    except ImportError:  # tensorboardX is an install requirement; keep running without it
+      self.tb = None
+
+  def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+    if not self.enabled:
+      return
+    row = {"step": step, "split": prefix, "time": round(time.time() - self.start, 3)}
+    row.update({k: (float(v) if v is not None else None) for k, v in metrics.items()})
+    self.jsonl.write(json.dumps(row) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in metrics.items():
+        if v is not None and math.isfinite(float(v)):
+          self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+
+  def progress(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    keys = ("loss", "accuracy", "grad_norm", "lr", "tokens_per_s", "tflops_per_s", "mfu")
+    parts = [f"{k}={metrics[k]:.4g}" for k in keys if metrics.get(k) is not None]
+    if self.tty:
+      done = int(30 * step / max(self.total, 1))
+      sys.stdout.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{self.total} " + " ".join(parts) + "   ")
+      sys.stdout.flush()
+    else:
+      print(f"step {step}/{self.total} " + " ".join(parts), flush=True)
+
+  def line(self, text: str) -> None:
+    if self.enabled:
+      if self.tty:
+        sys.stdout.write("\n")
+      print(text, flush=True)
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      if self.tb is not None:
+        self.tb.close()

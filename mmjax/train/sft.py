@@ -1,0 +1,35 @@
+"""SFT objective: next-token cross-entropy on the tokens selected by `loss_mask`.
+
+An objective is a small object with `loss(variables, batch, rng, train)` returning
+`(loss_sum, normaliser, metric_sums)`: the train step divides by the normaliser summed
+over the whole accumulated batch, and reports metric sums divided the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import linen as nn
+
+from mmjax import losses
+
+BATCH_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFT:
+  model: nn.Module
+
+  batch_fields = BATCH_FIELDS
+
+  def loss(self, variables, batch, rng, train: bool):
+    logits = self.model.apply(
+        variables, batch["tokens"], batch["positions"], batch["segment_ids"],
+        deterministic=not train, rngs={"dropout": rng} if train else {})
+    loss_sum, count = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    correct, _ = losses.token_accuracy(logits, batch["targets"], batch["loss_mask"])
+    return loss_sum, count, {"loss": loss_sum, "accuracy": correct}
+
+  def tokens(self, batch):
+    """Tokens processed (for throughput): non-padding positions."""
+    return (batch["segment_ids"] != 0).sum()

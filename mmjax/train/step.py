@@ -1,0 +1,67 @@
+"""The train and eval steps: top-level pure functions, jitted once by the loop.
+
+`train_step(state, batch, rng, *, objective, tx, accum_steps)`: the batch's leading axis
+is split into `accum_steps` micro-batches that run under `lax.scan`; gradients and metric
+sums add up, and everything is divided by the objective's normaliser summed over all
+micro-batches (for SFT: the number of loss tokens in the whole accumulated batch).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmjax.train.state import TrainState, merge_trees
+
+
+def _micro_batches(batch: dict, accum_steps: int) -> dict:
+  """[B, ...] -> [A, B/A, ...] taking rows i, i+A, ... for micro-batch i, so each data
+  shard keeps its own rows (the reshape is local to every device)."""
+  def f(x):
+    b = x.shape[0]
+    x = x.reshape(b // accum_steps, accum_steps, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(f, batch)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective, tx, accum_steps: int = 1):
+  rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(trainable, micro, key):
+    loss_sum, norm, sums = objective.loss(merge_trees(trainable, state.frozen), micro, key, True)
+    return loss_sum, (norm, sums)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (_, (norm, sums)), grads = grad_fn(state.trainable, batch, rng)
+  else:
+    def body(carry, xs):
+      micro, i = xs
+      (_, (n, s)), g = grad_fn(state.trainable, micro, jax.random.fold_in(rng, i))
+      acc_g, acc_n, acc_s = carry
+      return (jax.tree.map(jnp.add, acc_g, g), acc_n + n, jax.tree.map(jnp.add, acc_s, s)), None
+
+    micro = _micro_batches(batch, accum_steps)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(grad_fn, state.trainable, first, rng)
+    (_, (n0, s0)), g0 = shapes
+    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
+    (grads, norm, sums), _ = jax.lax.scan(
+        body, (zeros(g0), jnp.zeros(n0.shape, n0.dtype), zeros(s0)),
+        (micro, jnp.arange(accum_steps)))
+  denom = jnp.maximum(norm, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  metrics = {k: v / denom for k, v in sums.items()}
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["normaliser"] = norm
+  metrics["tokens"] = objective.tokens(batch)
+  new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, objective):
+  """Metric sums and the normaliser for one eval batch (divide after summing over batches)."""
+  _, norm, sums = objective.loss(state.variables, batch, jax.random.key(0), False)
+  return dict(sums, normaliser=norm)
