@@ -112,15 +112,26 @@ def build(config, mesh, vocab_size: int) -> Run:
                                 shapes, state_sh)
   batch_sh = sharding.batch_sharding(mesh, rules)
 
-  init_state = jax.jit(make_state, out_shardings=state_sh)
+  in_ctx = functools.partial(_in_context, mesh=mesh, rules=rules)
+  init_state = jax.jit(in_ctx(make_state), out_shardings=state_sh)
   train_step = jax.jit(
-      functools.partial(step_lib.train_step, objective=objective, tx=tx, accum_steps=config.grad_accum),
+      in_ctx(functools.partial(step_lib.train_step, objective=objective, tx=tx, accum_steps=config.grad_accum)),
       in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
-  eval_step = jax.jit(functools.partial(step_lib.eval_step, objective=objective),
+  eval_step = jax.jit(in_ctx(functools.partial(step_lib.eval_step, objective=objective)),
                       in_shardings=(state_sh, batch_sh), out_shardings=repl)
   flops = _flops_per_token(model_cfg, config, abstract_params, shapes, patterns)
   return Run(config, mesh, rules, model_cfg, model, objective, tx, schedule, init_state, abstract_state,
              state_sh, batch_sh, train_step, eval_step, flops)
+
+
+def _in_context(fn, mesh, rules):
+  """`fn` traced with the mesh and the logical-axis rules active, so activation
+  constraints (`nn.with_logical_constraint`) resolve to mesh axes."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def _split_names(names, patterns):
@@ -206,7 +217,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir, config.steps)
-  with mesh:
+  with jax.set_mesh(mesh):
     state = run.init_state(jax.random.key(config.seed))
     start = 0
     if ckpt.latest_step() is not None:

@@ -54,7 +54,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective, tx,
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   metrics = {k: v / denom for k, v in sums.items()}
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["normaliser"] = norm
   metrics["tokens"] = objective.tokens(batch)
   new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
