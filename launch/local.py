@@ -10,6 +10,7 @@ is the first non-zero exit code of any process.
 """
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def launch(num_processes: int, main_args: list[str], devices_per_process: int = 
   for i in range(num_processes):
     env = dict(os.environ, MMJAX_COORDINATOR=f"127.0.0.1:{port}", MMJAX_NUM_PROCESSES=str(num_processes),
                MMJAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu")
-    flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
     out = None
     if log_dir and i > 0:

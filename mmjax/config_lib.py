@@ -45,7 +45,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def model_config_dict(**overrides) -> ml_collections.ConfigDict:
   """`config.model`: the fields of `LlamaConfig`, plus `name` and a flat llama3 rope scaling."""
   fields = {f.name: f.default for f in dataclasses.fields(llama.LlamaConfig)}
-  fields.pop("rope_scaling")
+  for name in ("rope_scaling", "lora_alpha", "lora_rslora", "lora_dropout"):  # lora_* come from config.lora
+    fields.pop(name)
   fields.update(
       name="llama",  # model family
       vocab_size=-1,  # -1: take the tokenizer's vocabulary size
@@ -110,7 +111,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one axis may be -1
   c.rules = tuple((k, v) for k, v in DEFAULT_RULES)  # logical axis -> mesh axes
   c.peak_tflops_per_device = 0.0  # for MFU; 0 = look up the device in the peak table
-  c.print_samples = 0  # after training, greedy-decode this many eval prompts and print them
   return c
 
 
@@ -155,6 +155,23 @@ def _type_ok(want, value) -> bool:
   if isinstance(want, (tuple, list)):
     return isinstance(value, (tuple, list))
   return True
+
+
+def explain_override_error(argv) -> str | None:
+  """Names the first `--config.KEY=...` override whose KEY the schema lacks, if any."""
+  known = dict(_walk(base_config()))
+  prefixes = {p.rsplit(".", 1)[0] for p in known if "." in p}
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    if path not in known and path not in prefixes:
+      parent = path.rpartition(".")[0]
+      siblings = sorted({p[len(parent) + 1:].split(".")[0] if parent else p.split(".")[0]
+                         for p in known if not parent or p.startswith(parent + ".")})
+      return (f"unknown config key {path!r}; valid keys{' under ' + repr(parent) if parent else ''}: "
+              f"{', '.join(siblings)}")
+  return None
 
 
 def check_schema(config, schema) -> None:

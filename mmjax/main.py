@@ -51,7 +51,10 @@ def main(argv=None):
   except flags.Error as e:
     _fail(f"bad flags: {str(e).splitlines()[0]}")
   except Exception as e:  # config_flags raises plain errors for bad overrides and config files
-    _fail(f"bad config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    from mmjax import config_lib
+    msg = config_lib.explain_override_error(argv)
+    _fail(f"config error: {msg}" if msg else
+          f"bad config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
   if FLAGS.config is None:
     _fail("--config is required, e.g. --config configs/default.py")
   if not FLAGS.workdir:
