@@ -120,7 +120,7 @@ CHOICES = {
     "model.dtype": tuple(llama.DTYPES),
     "model.param_dtype": tuple(llama.DTYPES),
     "model.remat": tuple(llama.REMAT_POLICIES),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": ("auto", "xla", "cudnn"),
     "model.rope_scaling.type": ("none", "llama3"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
 }

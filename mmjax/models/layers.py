@@ -138,9 +138,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                           implementation: str = "xla") -> jax.Array:
   """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, 1, T, S] -> [B, T, N, H].
 
-  `implementation`: 'xla' (einsums; runs everywhere) or 'cudnn' (fused flash attention on
-  NVIDIA GPUs through `jax.nn.dot_product_attention`; needs bf16/fp16 compute).
+  `implementation`: 'xla' (einsums; runs everywhere), 'cudnn' (fused flash attention on
+  NVIDIA GPUs through `jax.nn.dot_product_attention`; needs bf16/fp16 compute), or 'auto'
+  (cudnn on a GPU backend with bf16/fp16 compute, xla otherwise).
   """
+  if implementation == "auto":
+    gpu = jax.default_backend() == "gpu"
+    implementation = "cudnn" if gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
   b, t, n, h = q.shape

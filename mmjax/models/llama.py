@@ -47,7 +47,7 @@ class LlamaConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # a key of REMAT_POLICIES
-  attention: str = "xla"  # 'xla' or 'cudnn'
+  attention: str = "auto"  # 'auto', 'xla' or 'cudnn' (see layers.dot_product_attention)
   lora_alpha: float = 16.0
   lora_rslora: bool = False
   lora_dropout: float = 0.0

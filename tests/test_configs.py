@@ -1,0 +1,70 @@
+"""Every config file validates; the 8-GPU Llama-3-8B config is checked abstractly on 8
+fake devices (no weights allocated)."""
+import glob
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import config_lib, sharding
+from mmjax.train import loop
+
+from helpers import ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod, mod.get_config(arg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_validates_and_documents_its_launch_command(path):
+  mod, config = load(path)
+  name = os.path.basename(path)
+  assert f"--config configs/{name}" in mod.__doc__
+  config_lib.check_schema(config, config_lib.base_config())
+
+
+def test_llama3_8b_config_on_8_devices_abstractly():
+  _, config = load(os.path.join(ROOT, "configs", "llama3_8b_lora.py"), "hf=/models/llama3,data=/data/x.jsonl")
+  config_lib.validate(config, n_devices=8)
+  mesh = sharding.make_mesh(config.mesh, jax.devices())
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  run = loop.build(config, mesh, config.model.vocab_size)
+  frozen = run.abstract_state.frozen["params"]
+  n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
+  assert 8.0e9 < n_base < 8.1e9  # Llama-3-8B
+  per_device = 0
+  for x in jax.tree.leaves(run.abstract_state):
+    shard = x.sharding.shard_shape(x.shape)
+    per_device += int(np.prod(shard)) * x.dtype.itemsize
+  assert per_device < 2.3e9, per_device  # ~16 GB of bf16 weights over 8 GPUs, plus a small adapter
+  q = frozen["layers_0"]["attn"]["q_proj"]["kernel"]
+  assert q.dtype == jax.numpy.bfloat16 and q.sharding.spec[0] == "fsdp"
+  # batch arithmetic: 32 rows over data*fsdp = 8, 2 micro-batches -> 2 rows per device per micro-batch
+  assert config.batch_size % (8 * config.grad_accum) == 0
+  assert run.model_cfg.rope_scaling["factor"] == 8.0 and run.model_cfg.n_kv_heads == 8
+
+
+def test_validate_rejects_bad_mesh_and_batch_for_8_devices():
+  _, config = load(os.path.join(ROOT, "configs", "llama3_8b_lora.py"))
+  config.mesh.fsdp = 3
+  with pytest.raises(config_lib.ConfigError, match="multiplies to 3"):
+    config_lib.validate(config, n_devices=8)
+  config.mesh.fsdp = 8
+  config.batch_size = 20
+  with pytest.raises(config_lib.ConfigError, match="batch_size=20 must be divisible by the data-parallel size 8"):
+    config_lib.validate(config, n_devices=8)
+
+
+def test_parse_arg():
+  a = config_lib.parse_arg("steps=5,task=add,flag", steps=1, task="x", flag=False)
+  assert (a.steps, a.task, a.flag) == (5, "add", True)
+  with pytest.raises(config_lib.ConfigError, match="unknown"):
+    config_lib.parse_arg("nope=1", steps=1)
