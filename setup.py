@@ -20,6 +20,7 @@ setup(
         "tokenizers>=0.20",
         "tensorboardX>=2.6",
         "tqdm",
+        "jinja2",
         "pillow",
         "matplotlib",
         "scipy",

@@ -10,7 +10,7 @@ from mmjax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, steps=300, task="reverse")
+  args = config_lib.parse_arg(arg, steps=600, task="reverse")
   c = config_lib.base_config()
   c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   c.lora.update(rank=16, alpha=32.0)
@@ -22,8 +22,8 @@ def get_config(arg=None):
   c.batch_size = 32
   c.steps = args.steps
   c.optimizer.update(lr=3e-3, warmup_steps=20, schedule="cosine")
-  c.eval_every = 100
+  c.eval_every = 200
   c.eval_batch_size = 64
   c.log_every = 20
-  c.checkpoint_every = 100
+  c.checkpoint_every = 200
   return c

@@ -230,6 +230,9 @@ def validate(config, n_devices: int, process_count: int = 1, abstract_params=Non
   if config.batch_size % need:
     raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the data-parallel size "
                       f"{dp} x config.grad_accum={config.grad_accum} = {need}")
+  if config.eval_batch_size % (dp * process_count):
+    raise ConfigError(f"config.eval_batch_size={config.eval_batch_size} must be divisible by the data-parallel "
+                      f"size {dp} and the process count {process_count}")
   if config.batch_size % process_count:
     raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the process count {process_count}")
   if abstract_params is not None:

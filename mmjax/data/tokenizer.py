@@ -5,6 +5,7 @@ Both expose one interface:
   encode(text) -> list[int]              no special tokens
   decode(ids) -> str                     special tokens dropped
   encode_chat(messages) -> (ids, mask)   mask = 1 on assistant-turn tokens
+  encode_chat_prompt(messages) -> ids    what precedes the next assistant turn (sampling)
   vocab_size, pad_id, bos_id (or None), eos_id
 
 A Hugging Face directory is read with the `tokenizers` package (`tokenizer.json`) plus
@@ -68,6 +69,9 @@ class BuiltinTokenizer:
   def encode_chat(self, messages) -> tuple[list[int], list[int]]:
     return _fallback_chat(self, messages)
 
+  def encode_chat_prompt(self, messages) -> list[int]:
+    return _fallback_chat_prompt(self, messages)
+
   def __repr__(self):
     return f"BuiltinTokenizer(vocab_size={self.vocab_size})"
 
@@ -81,6 +85,11 @@ def _fallback_chat(tok, messages) -> tuple[list[int], list[int]]:
     ids += head + body
     mask += [0] * len(head) + [on] * len(body)
   return ids, mask
+
+
+def _fallback_chat_prompt(tok, messages) -> list[int]:
+  ids = _fallback_chat(tok, messages)[0] if messages else []
+  return ids + tok.encode("assistant" + _FALLBACK_ROLE_SEP)
 
 
 def _check_messages(messages):
@@ -178,6 +187,15 @@ class HFTokenizer:
     mask = [int(any(s <= a < e for s, e in spans)) if b > a else 0 for a, b in enc.offsets]
     return list(enc.ids), mask
 
+  def encode_chat_prompt(self, messages) -> list[int]:
+    """Tokens that ask for the next assistant turn after `messages` (for sampling)."""
+    if not self.chat_template:
+      return _fallback_chat_prompt(self, messages)
+    return self.encode(self.render_chat(messages, add_generation_prompt=True))
+
+  def __getstate__(self):  # Grain workers pickle the tokenize function; templates don't pickle
+    return dict(self.__dict__, _template=None)
+
   def __repr__(self):
     return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
@@ -196,6 +214,7 @@ def _compile_template(source: str, path: str):
   """Compiles a chat template with the same jinja2 settings transformers uses."""
   try:
     import jinja2
+    import jinja2.ext
     from jinja2 import sandbox
   except ImportError:
     raise ValueError(f"tokenizer {path} has a chat template, which needs jinja2: pip install jinja2") from None

@@ -212,7 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       config.data, global_batch=config.batch_size, seq_len=config.seq_len, seed=config.seed,
       process_index=pidx, process_count=pcount, tokenizer=tokenizer)
   eval_batches = pipeline.make_eval_batches(
-      config.data, batch=config.eval_batch_size // pcount if config.eval_batch_size >= pcount else 1,
+      config.data, batch=config.eval_batch_size,
       seq_len=config.seq_len, tokenizer=tokenizer, process_index=pidx, process_count=pcount)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
@@ -275,6 +275,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       summary["eval_after"] = evaluate(run, state, eval_batches)
       writer.write(int(jax.device_get(state.step)), summary["eval_after"], "eval")
       writer.line(f"eval at step {int(jax.device_get(state.step))}: " + _fmt(summary["eval_after"]))
+      if "eval_before" in summary:
+        writer.line(_before_after(summary["eval_before"], summary["eval_after"], start,
+                                  int(jax.device_get(state.step))))
     summary["train"] = last
     summary["state"] = state
     summary["run"] = run
@@ -294,6 +297,12 @@ def _step_metrics(run: Run, m: dict, step: int, dt: float, peak) -> dict:
       "mfu": (tflops / peak) if peak else None,
   }
   return out
+
+
+def _before_after(before: dict, after: dict, start: int, end: int) -> str:
+  rows = [f"{'eval metric':<12} {'step ' + str(start):>10} {'step ' + str(end):>10}"]
+  rows += [f"{k:<12} {before[k]:>10.4f} {after[k]:>10.4f}" for k in after if k in before]
+  return "\n".join(rows)
 
 
 def _fmt(metrics: dict) -> str:

@@ -1,0 +1,283 @@
+"""Records -> token batches through Grain.
+
+A batch is a dict of int32 numpy arrays, each [B, T] (B = this process's share of the
+global batch, T = seq_len):
+
+  tokens       input ids: bos + record tokens (+ eos), truncated, pad_id after the end
+  targets      next token: tokens[b, i] predicts targets[b, i]
+  loss_mask    1 where targets is a response / assistant token (every token for `text`
+               records) or the final eos; 0 on prompts, role headers and padding
+  segment_ids  1, 2, 3... per packed example in a row; 0 on padding
+  positions    0..n-1 within each example; 0 on padding
+
+The train order is a function of the seed only: the source is shuffled per epoch
+(`MapDataset.shuffle` after `repeat` reseeds each epoch), repeated forever, and process p
+reads rows p, p+P, p+2P... of it, so the P local batches of one step together are the
+rows of the single-process global batch. The returned `grain.DatasetIterator` has
+`get_state()` / `set_state()`; checkpoint it with `grain.checkpoint.CheckpointSave(it)` /
+`CheckpointRestore(it)` inside an orbax `Composite`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import grain
+import ml_collections
+import numpy as np
+
+from mmjax.data import sources, tokenizer as tokenizer_lib
+
+FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+SOURCES = ("generated", "jsonl", "arrayrecord", "tfds")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """`config.data`: where records come from and how they become batches."""
+  return ml_collections.ConfigDict(dict(
+      source="generated",  # 'generated' | 'jsonl' | 'arrayrecord' | 'tfds'
+      task="reverse",  # generated task: reverse | add | sort | copy
+      train_path="",  # jsonl/arrayrecord: file, comma-separated files or glob
+      eval_path="",  # same; '' = no eval set
+      tfds_name="",  # e.g. 'my_dataset:1.0.0' (already prepared in tfds_data_dir)
+      tfds_data_dir="",  # '' = TFDS default
+      train_split="train",  # tfds split for training
+      eval_split="",  # tfds split for eval; '' = no eval set
+      text_key="text",  # record field with plain text (loss on all tokens)
+      prompt_key="prompt",  # record field with the prompt (no loss)
+      response_key="response",  # record field with the response (loss)
+      tokenizer="builtin",  # 'builtin' or a local Hugging Face tokenizer directory
+      packing=False,  # pack several examples per row (segment ids 1, 2, ...)
+      num_train_examples=20_000,  # generated train set size
+      num_eval_examples=256,  # generated eval set size; 0 = no eval set
+      shuffle=True,  # reshuffle the train set every epoch with the run seed
+      worker_count=0,  # Grain worker processes; 0 = in-process
+  ))
+
+
+def _bad(key, value, valid) -> ValueError:
+  return ValueError(f"data.{key}={value!r} is not valid; {valid}")
+
+
+def validate_data_config(data_cfg) -> None:
+  """Raises ValueError naming `data.KEY`, the value and what is valid. Opens no data."""
+  c = data_cfg
+  if c.source not in SOURCES:
+    raise _bad("source", c.source, f"expected one of {', '.join(SOURCES)}")
+  tok = c.tokenizer
+  if tok != tokenizer_lib.BUILTIN and not os.path.isfile(os.path.join(str(tok), "tokenizer.json")):
+    raise _bad("tokenizer", tok, "expected 'builtin' or a local directory holding tokenizer.json")
+  for key in ("text_key", "prompt_key", "response_key"):
+    if not isinstance(c[key], str) or not c[key]:
+      raise _bad(key, c[key], "expected a non-empty field name")
+  if not isinstance(c.worker_count, int) or c.worker_count < 0:
+    raise _bad("worker_count", c.worker_count, "expected an integer >= 0")
+  for key in ("packing", "shuffle"):
+    if not isinstance(c[key], bool):
+      raise _bad(key, c[key], "expected True or False")
+  if c.source == "generated":
+    if c.task not in sources.GENERATED_TASKS:
+      raise _bad("task", c.task, f"expected one of {', '.join(sources.GENERATED_TASKS)}")
+    if c.num_train_examples <= 0:
+      raise _bad("num_train_examples", c.num_train_examples, "expected a positive count")
+    if c.num_eval_examples < 0:
+      raise _bad("num_eval_examples", c.num_eval_examples, "expected a count >= 0")
+  elif c.source in ("jsonl", "arrayrecord"):
+    if not c.train_path:
+      raise _bad("train_path", c.train_path, f"data.source={c.source!r} needs a file, list or glob")
+    for key in ("train_path", "eval_path"):
+      if c[key]:
+        try:
+          sources.expand_paths(c[key])
+        except ValueError as e:
+          raise _bad(key, c[key], str(e)) from None
+  elif c.source == "tfds":
+    if not c.tfds_name:
+      raise _bad("tfds_name", c.tfds_name, "data.source='tfds' needs a dataset name")
+    if not c.train_split:
+      raise _bad("train_split", c.train_split, "expected a TFDS split such as 'train'")
+    if importlib.util.find_spec("tensorflow_datasets") is None:
+      raise _bad("source", c.source, "tensorflow-datasets is not installed: pip install 'mmjax[tfds]'")
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def _content(record: dict, tok) -> tuple[list[int], list[int], int]:
+  """(ids, mask, eos mask) of a record, without bos/eos."""
+  if "text" in record:
+    ids = tok.encode(record["text"])
+    return ids, [1] * len(ids), 1
+  if "prompt" in record:
+    p, r = tok.encode(record["prompt"]), tok.encode(record["response"])
+    return p + r, [0] * len(p) + [1] * len(r), 1
+  if "messages" in record:
+    ids, mask = tok.encode_chat(record["messages"])
+    return list(ids), list(mask), int(record["messages"][-1]["role"] == "assistant")
+  raise sources.RecordError(f"record has keys {sorted(record)}; expected text, prompt/response or messages")
+
+
+def tokenize_example(record: dict, tokenizer, seq_len: int) -> dict:
+  """Unpadded `tokens`, `targets`, `loss_mask` (int32 [n], 1 <= n <= seq_len) of a record.
+
+  Sequence: [bos] + content + [eos] (bos when the tokenizer has one and the content does
+  not already start with it; eos unless the content already ends with it), truncated to
+  seq_len + 1 and shifted by one.
+  """
+  ids, mask, eos_mask = _content(record, tokenizer)
+  if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
+    ids, mask = [tokenizer.bos_id] + ids, [0] + mask
+  if not ids or ids[-1] != tokenizer.eos_id:
+    ids, mask = ids + [tokenizer.eos_id], mask + [eos_mask]
+  if len(ids) < 2:  # no bos and empty content: give the eos something to be predicted from
+    ids, mask = [tokenizer.pad_id] + ids, [0] + mask
+  ids = np.asarray(ids[:seq_len + 1], np.int32)
+  mask = np.asarray(mask[:seq_len + 1], np.int32)
+  return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
+
+
+def prompt_ids(record: dict, tokenizer) -> list[int]:
+  """The tokens a sampler starts from to answer a record, laid out as in training: bos +
+  prompt for prompt/response records; for messages, the turns before the last assistant
+  turn plus the assistant header. Generation should stop at `tokenizer.eos_id`."""
+  if "prompt" in record:
+    ids = tokenizer.encode(record["prompt"])
+  elif "messages" in record:
+    msgs = record["messages"]
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+    ids = tokenizer.encode_chat_prompt(msgs[:last])
+  else:
+    raise ValueError("prompt_ids needs a prompt/response or messages record, got a text record")
+  if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
+    ids = [tokenizer.bos_id] + ids
+  return ids
+
+
+def pad_example(example: dict, seq_len: int, pad_id: int) -> dict:
+  """One unpadded example -> the five batch fields, each int32 [seq_len]."""
+  n = len(example["tokens"])
+  out = {}
+  for key, fill in (("tokens", pad_id), ("targets", pad_id), ("loss_mask", 0)):
+    out[key] = np.full(seq_len, fill, np.int32)
+    out[key][:n] = example[key]
+  out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
+  out["positions"] = np.where(np.arange(seq_len) < n, np.arange(seq_len), 0).astype(np.int32)
+  return out
+
+
+def tokenize_record(record: dict, tokenizer, seq_len: int) -> dict:
+  """A record -> dict of int32 [seq_len] arrays: tokens, targets, loss_mask, segment_ids, positions."""
+  return pad_example(tokenize_example(record, tokenizer, seq_len), seq_len, tokenizer.pad_id)
+
+
+def _tokenize_padded(record, *, tokenizer, seq_len):
+  return tokenize_record(record, tokenizer, seq_len)
+
+
+def _tokenize_unpadded(record, *, tokenizer, seq_len):
+  return tokenize_example(record, tokenizer, seq_len)
+
+
+def _from_packed(packed: dict) -> dict:
+  """Grain's packer names the aux fields per feature; all features share one layout."""
+  return {"tokens": packed["tokens"], "targets": packed["targets"], "loss_mask": packed["loss_mask"],
+          "segment_ids": packed["tokens_segment_ids"], "positions": packed["tokens_positions"]}
+
+
+def _own_arrays(batch: dict) -> dict:
+  return {k: np.array(v, np.int32) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- iterators
+
+
+def _local_batch(global_batch: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not valid for process_count={process_count}")
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} must be a positive multiple of the process "
+                     f"count {process_count}")
+  return global_batch // process_count
+
+
+def _open_source(data_cfg, split: str):
+  source = sources.make_source(data_cfg, split)
+  if source is not None and len(source) == 0:
+    raise ValueError(f"data {split} source {source!r} has no records")
+  return source
+
+
+def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, tokenizer,
+                       process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """The infinite train `IterDataset` of local batches (see the module docstring)."""
+  validate_data_config(data_cfg)
+  local = _local_batch(global_batch, process_index, process_count)
+  seed = int(seed) % 2**32
+  source = _open_source(data_cfg, "train")
+  ds = grain.MapDataset.source(source)
+  if data_cfg.shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat()[process_index::process_count]  # this process reads only its rows
+  # Tokenizing is cheap next to a train step: no reader threads unless workers are asked for.
+  read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  if data_cfg.packing:
+    ds = ds.map(functools.partial(_tokenize_unpadded, tokenizer=tokenizer, seq_len=seq_len))
+    it = grain.experimental.FirstFitPackIterDataset(
+        ds.to_iter_dataset(read),
+        length_struct={k: seq_len for k in ("tokens", "targets", "loss_mask")},
+        num_packing_bins=local, seed=seed, shuffle_bins=True,
+        padding_struct={"tokens": tokenizer.pad_id, "targets": tokenizer.pad_id, "loss_mask": 0})
+    it = it.map(_from_packed).batch(local, drop_remainder=True)
+  else:
+    ds = ds.map(functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len))
+    it = ds.batch(local, drop_remainder=True).to_iter_dataset(read)
+  if data_cfg.worker_count > 0:
+    from absl import flags  # Grain workers read absl flags; outside absl.app nobody parsed them
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
+    it = it.map(_own_arrays)  # batches arrive in shared memory; hand out ordinary arrays
+  return it
+
+
+def make_train_iterator(data_cfg, *, global_batch: int, seq_len: int, seed: int, tokenizer,
+                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+  """An endless iterator of local batches (dicts of int32 [global_batch // process_count,
+  seq_len] arrays) with `get_state()` / `set_state()` for exact resume."""
+  return iter(make_train_dataset(data_cfg, global_batch=global_batch, seq_len=seq_len, seed=seed,
+                                 tokenizer=tokenizer, process_index=process_index,
+                                 process_count=process_count))
+
+
+def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
+                      process_index: int = 0, process_count: int = 1) -> list[dict]:
+  """Every eval record once, in order, as local batches of `batch // process_count` rows.
+
+  `batch` is the global eval batch; process p holds rows p, p+P, ... of each global batch.
+  The last global batch is filled with copies of record 0 whose loss_mask is all 0, so
+  every process has the same number of equally shaped batches. [] when there is no eval set.
+  """
+  validate_data_config(data_cfg)
+  local = _local_batch(batch, process_index, process_count)
+  source = _open_source(data_cfg, "eval")
+  if source is None:
+    return []
+  ds = grain.MapDataset.source(source).map(
+      functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len))
+  n = len(ds)
+  n_batches = -(-n // batch)
+  filler = None
+  out = []
+  for b in range(n_batches):
+    rows = []
+    for i in range(b * batch + process_index, (b + 1) * batch, process_count):
+      if i < n:
+        rows.append(ds[i])
+      else:
+        if filler is None:
+          filler = dict(ds[0], loss_mask=np.zeros(seq_len, np.int32))
+        rows.append(filler)
+    assert len(rows) == local
+    out.append({k: np.stack([r[k] for r in rows]) for k in FIELDS})
+  return out

@@ -1,0 +1,304 @@
+"""Random-access record sources for Grain (`__len__` / `__getitem__`).
+
+Every source yields one of three record dicts:
+
+  {"text": str}                          loss on every token
+  {"prompt": str, "response": str}       loss on the response
+  {"messages": [{"role", "content"}...]} loss on assistant turns
+
+Sources: JSONL files (line offsets indexed once, lines parsed on access), ArrayRecord files
+of JSON bytes, TFDS data sources (optional `tfds` extra) and `GeneratedTask`, small
+synthetic tasks that need no files.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import string
+import zlib
+
+import numpy as np
+
+GENERATED_TASKS = ("reverse", "add", "sort", "copy")
+_ALNUM = string.ascii_lowercase + string.digits
+
+
+class RecordError(ValueError):
+  """A record that is not valid JSON or matches none of the record formats; one line."""
+
+
+def to_record(raw, where: str, text_key="text", prompt_key="prompt", response_key="response") -> dict:
+  """Maps a raw dict onto one of the three record formats; `where` names it in errors."""
+  if not isinstance(raw, dict):
+    raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+  if "messages" in raw:
+    msgs = raw["messages"]
+    ok = isinstance(msgs, list) and msgs and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in msgs)
+    if not ok:
+      raise RecordError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+  if prompt_key in raw and response_key in raw:
+    p, r = _as_str(raw[prompt_key]), _as_str(raw[response_key])
+    if p is None or r is None:
+      raise RecordError(f"{where}: {prompt_key!r} and {response_key!r} must be strings")
+    return {"prompt": p, "response": r}
+  if text_key in raw:
+    t = _as_str(raw[text_key])
+    if t is None:
+      raise RecordError(f"{where}: {text_key!r} must be a string")
+    return {"text": t}
+  raise RecordError(f"{where}: record has keys {sorted(raw)[:8]}; expected {text_key!r}, or "
+                    f"{prompt_key!r} and {response_key!r}, or 'messages'")
+
+
+def _as_str(value):
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  return value if isinstance(value, str) else None
+
+
+def expand_paths(spec: str, what: str = "path") -> list[str]:
+  """Comma-separated paths and globs -> sorted existing files; a missing one is an error."""
+  out = []
+  for part in (p.strip() for p in str(spec).split(",")):
+    if not part:
+      continue
+    if any(c in part for c in "*?["):
+      matches = sorted(glob.glob(part))
+      if not matches:
+        raise ValueError(f"{what} {part} matches no files")
+      out += matches
+    elif not os.path.isfile(part):
+      raise ValueError(f"{what} {part} does not exist (or is not a file)")
+    else:
+      out.append(part)
+  if not out:
+    raise ValueError(f"{what} {spec!r} names no files")
+  return out
+
+
+class JsonlSource:
+  """Lines of one or more JSONL files; offsets are indexed once, lines parsed on access.
+
+  Blank lines are skipped. A bad line raises `RecordError` naming the file and line number
+  when it is read.
+  """
+
+  _CHUNK = 1 << 24
+
+  def __init__(self, paths, **keys):
+    self.paths = expand_paths(paths, "JSONL file") if isinstance(paths, str) else list(paths)
+    self.keys = keys
+    starts, ends, lines, files = [], [], [], []
+    for f, path in enumerate(self.paths):
+      s, e, n = self._index(path)
+      starts.append(s), ends.append(e), lines.append(n), files.append(np.full(len(s), f, np.int32))
+    self._starts, self._ends = np.concatenate(starts), np.concatenate(ends)
+    self._lines, self._files = np.concatenate(lines), np.concatenate(files)
+    self._fds = _FdCache(self.paths)
+
+  @classmethod
+  def _index(cls, path):
+    """(start, end, line number) of every non-blank line, as int64 arrays."""
+    newlines, size = [], 0
+    with open(path, "rb") as f:
+      while chunk := f.read(cls._CHUNK):
+        newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
+        size += len(chunk)
+    nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    ends = np.concatenate([nl, [size]]).astype(np.int64)
+    numbers = np.arange(1, len(starts) + 1, dtype=np.int64)
+    keep = ends - starts > 0
+    return starts[keep], ends[keep], numbers[keep]
+
+  def __len__(self):
+    return len(self._starts)
+
+  def __getitem__(self, index):
+    index = int(index)
+    f, start, end = int(self._files[index]), int(self._starts[index]), int(self._ends[index])
+    where = f"{self.paths[f]}:{int(self._lines[index])}"
+    raw = os.pread(self._fds.get(f), end - start, start)  # thread-safe, no shared seek position
+    try:
+      obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise RecordError(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
+    return to_record(obj, where, **self.keys)
+
+  def __repr__(self):
+    return f"JsonlSource({self.paths}, n={len(self)})"
+
+
+class _FdCache:
+  """Read-only file descriptors, opened lazily, re-opened after fork, closed when dropped."""
+
+  def __init__(self, paths):
+    self.paths, self._fds, self._pid = paths, {}, None
+
+  def get(self, f: int) -> int:
+    if self._pid != os.getpid():  # Grain worker processes must not share descriptors
+      self._fds, self._pid = {}, os.getpid()
+    if f not in self._fds:
+      self._fds[f] = os.open(self.paths[f], os.O_RDONLY)
+    return self._fds[f]
+
+  def __getstate__(self):
+    return {"paths": self.paths, "_fds": {}, "_pid": None}
+
+  def __del__(self):
+    if self._pid == os.getpid():
+      for fd in self._fds.values():
+        try:
+          os.close(fd)
+        except OSError:
+          pass
+
+
+class ArrayRecordSource:
+  """ArrayRecord files whose records are UTF-8 JSON objects in the record formats."""
+
+  def __init__(self, paths, **keys):
+    import grain
+
+    self.paths = expand_paths(paths, "ArrayRecord file") if isinstance(paths, str) else list(paths)
+    self.keys = keys
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    index = int(index)
+    where = f"{','.join(self.paths)} record {index}"
+    try:
+      obj = json.loads(self._source[index])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise RecordError(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
+    return to_record(obj, where, **self.keys)
+
+  def __repr__(self):
+    return f"ArrayRecordSource({self.paths}, n={len(self)})"
+
+
+def write_arrayrecord(records, path: str) -> int:
+  """Writes dicts (JSON-encoded) to one ArrayRecord file; returns the count."""
+  from array_record.python import array_record_module
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  n = 0
+  try:
+    for r in records:
+      writer.write(json.dumps(r).encode("utf-8"))
+      n += 1
+  finally:
+    writer.close()
+  return n
+
+
+class TfdsSource:
+  """A `tfds.data_source` (random access over an already prepared dataset)."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None, **keys):
+    try:
+      import tensorflow_datasets as tfds
+    except ImportError:
+      raise ValueError("data.source='tfds' needs tensorflow-datasets: pip install 'mmjax[tfds]'") from None
+    self.name, self.split, self.keys = name, split, keys
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    except Exception as e:  # noqa: BLE001 - tfds raises many kinds; report one line
+      raise ValueError(f"TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}) could not be "
+                       f"opened: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    index = int(index)
+    return to_record(dict(self._source[index]), f"tfds {self.name}[{self.split}] #{index}", **self.keys)
+
+  def __repr__(self):
+    return f"TfdsSource({self.name!r}, {self.split!r}, n={len(self)})"
+
+
+class GeneratedTask:
+  """Synthetic prompt/response tasks, deterministic per (name, seed, index).
+
+    reverse: "reverse ab3x =" -> "x3ba"      copy: "copy ab3x =" -> "ab3x"
+    sort:    "sort 5291 =" -> "1259"         add:  "add 12+7 =" -> "19"
+
+  Strings are 3-8 characters (add: operands 0-99). Examples are split by a hash of the
+  prompt: `split='eval'` draws only prompts with hash % 10 == 0 and `split='train'` only
+  the rest, so eval prompts never occur in training.
+  """
+
+  def __init__(self, name: str, size: int, seed: int = 0, split: str = "train"):
+    if name not in GENERATED_TASKS:
+      raise ValueError(f"generated task {name!r} is unknown; valid tasks: {', '.join(GENERATED_TASKS)}")
+    if int(size) <= 0:
+      raise ValueError(f"generated task size must be positive, got {size}")
+    if split not in ("train", "eval"):
+      raise ValueError(f"generated task split must be 'train' or 'eval', got {split!r}")
+    self.name, self.size, self.seed, self.split = name, int(size), int(seed), split
+
+  def __len__(self):
+    return self.size
+
+  @staticmethod
+  def is_eval_prompt(prompt: str) -> bool:
+    return zlib.crc32(prompt.encode()) % 10 == 0
+
+  def _draw(self, rng: random.Random) -> dict:
+    n = rng.randint(3, 8)
+    if self.name == "add":
+      a, b = rng.randint(0, 99), rng.randint(0, 99)
+      return {"prompt": f"add {a}+{b} =", "response": str(a + b)}
+    if self.name == "sort":
+      s = "".join(rng.choice(string.digits) for _ in range(n))
+      return {"prompt": f"sort {s} =", "response": "".join(sorted(s))}
+    s = "".join(rng.choice(_ALNUM) for _ in range(n))
+    return {"prompt": f"{self.name} {s} =", "response": s[::-1] if self.name == "reverse" else s}
+
+  def __getitem__(self, index):
+    index = int(index)
+    if not 0 <= index < self.size:
+      raise IndexError(f"index {index} out of range for {self!r}")
+    rng = random.Random(f"{self.name}/{self.seed}/{index}")  # str seeds are hashed stably
+    want_eval = self.split == "eval"
+    while True:
+      record = self._draw(rng)
+      if self.is_eval_prompt(record["prompt"]) == want_eval:
+        return record
+
+  def __repr__(self):
+    return f"GeneratedTask({self.name!r}, size={self.size}, seed={self.seed}, split={self.split!r})"
+
+
+def make_source(data_cfg, split: str):
+  """The train or eval source named by a data config, or None when eval has none."""
+  keys = dict(text_key=data_cfg.text_key, prompt_key=data_cfg.prompt_key, response_key=data_cfg.response_key)
+  train = split == "train"
+  if data_cfg.source == "generated":
+    size = data_cfg.num_train_examples if train else data_cfg.num_eval_examples
+    # Content seeds are fixed per split: runs with different seeds see the same sets.
+    return GeneratedTask(data_cfg.task, size, seed=0 if train else 1, split=split) if size > 0 else None
+  if data_cfg.source in ("jsonl", "arrayrecord"):
+    path = data_cfg.train_path if train else data_cfg.eval_path
+    if not path:
+      return None
+    cls = JsonlSource if data_cfg.source == "jsonl" else ArrayRecordSource
+    return cls(path, **keys)
+  if data_cfg.source == "tfds":
+    tfds_split = data_cfg.train_split if train else data_cfg.eval_split
+    if not tfds_split:
+      return None
+    return TfdsSource(data_cfg.tfds_name, tfds_split, data_cfg.tfds_data_dir, **keys)
+  raise ValueError(f"data.source={data_cfg.source!r} is unknown; valid: generated, jsonl, arrayrecord, tfds")
