@@ -111,6 +111,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one axis may be -1
   c.rules = tuple((k, v) for k, v in DEFAULT_RULES)  # logical axis -> mesh axes
   c.peak_tflops_per_device = 0.0  # for MFU; 0 = look up the device in the peak table
+  # Recipes (mmjax/train/stages.py): stage_order names the stages; stages.NAME holds the keys
+  # that stage changes. Empty = the config itself is the only stage.
+  c.stage_order = ()
+  c.stages = ml_collections.ConfigDict()
+  c.init_from_stage = ""  # start from this earlier stage's result instead of the previous one
   return c
 
 
@@ -131,6 +136,8 @@ POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "checkp
 def _walk(cfg, prefix=""):
   for key, value in cfg.items():
     path = f"{prefix}{key}"
+    if path == "stages":  # each stage is checked as a whole config (see validate)
+      continue
     if isinstance(value, ml_collections.ConfigDict):
       yield from _walk(value, path + ".")
     else:
@@ -192,7 +199,29 @@ def check_schema(config, schema) -> None:
 
 
 def validate(config, n_devices: int, process_count: int = 1, abstract_params=None) -> None:
-  """Checks the config before any compile. Raises ConfigError (one line)."""
+  """Checks the config (and each stage's config) before any compile. Raises ConfigError (one line)."""
+  check_schema(config, base_config())
+  if config.stage_order:
+    from mmjax.train.stages import stage_config
+    missing = [n for n in config.stage_order if n not in config.stages]
+    extra = [n for n in config.stages if n not in config.stage_order]
+    if missing or extra:
+      raise ConfigError(f"config.stage_order={tuple(config.stage_order)!r} and config.stages "
+                        f"({', '.join(config.stages) or 'none'}) must name the same stages")
+    for name in config.stage_order:
+      try:
+        stage = stage_config(config, name)
+      except (KeyError, AttributeError) as e:
+        raise ConfigError(f"config.stages.{name} sets an unknown key {e}; stage keys are run-config keys") from None
+      try:
+        _validate_one(stage, n_devices, process_count, abstract_params)
+      except ConfigError as e:
+        raise ConfigError(f"stage {name!r}: {e}") from None
+    return
+  _validate_one(config, n_devices, process_count, abstract_params)
+
+
+def _validate_one(config, n_devices, process_count, abstract_params) -> None:
   check_schema(config, base_config())
   for path, options in CHOICES.items():
     value = _get(config, path)

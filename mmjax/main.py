@@ -63,18 +63,19 @@ def main(argv=None):
 
   import jax
   from mmjax import config_lib
-  from mmjax.train import loop
+  from mmjax.train import loop, stages
 
   maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
   try:
     config_lib.validate(config, jax.device_count(), jax.process_count())
     from mmjax.data.pipeline import validate_data_config
-    validate_data_config(config.data)
+    for name in config.stage_order or ("",):
+      validate_data_config(stages.stage_config(config, name).data if name else config.data)
   except ValueError as e:
     _fail(f"config error: {e}")
   try:
-    loop.train_and_evaluate(config, FLAGS.workdir)
+    stages.train_and_evaluate(config, FLAGS.workdir)
   except config_lib.ConfigError as e:
     _fail(f"config error: {e}")
   except loop.NonFiniteLoss as e:

@@ -1,7 +1,7 @@
 """The one training loop: init or restore, data, jitted step, eval, log, checkpoint, preemption.
 
 `build(config, mesh)` assembles everything a run needs (model, objective, optimizer,
-shardings, jitted functions) without touching data or disk; `train_and_evaluate(config,
+shardings, jitted functions) without touching data or disk; `train_stage(config,
 workdir)` runs it. Tests import both.
 """
 from __future__ import annotations
@@ -56,6 +56,9 @@ class Run:
   train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
   eval_step: Any  # jitted (state, batch) -> metric sums
   flops_per_token: float
+  init_from_params: Any  # jitted (rng, params) -> TrainState: given base params, fresh adapter
+  merged_params: Any  # jitted state -> params with the adapter merged in
+  abstract_params: Any  # params tree of ShapeDtypeStructs with shardings
 
   def global_batch(self, local: dict) -> dict:
     """Places this process's rows of a batch as one global array per field."""
@@ -69,10 +72,11 @@ def _param_logical_axes(model, dummy):
   return sharding.logical_axes_tree(boxed["params"]), nn.meta.unbox(boxed["params"])
 
 
-def init_variables(rng, model, dummy, lora_cfg) -> dict:
-  """Random base params and, when `lora_cfg.targets` is set, a fresh adapter."""
+def init_variables(rng, model, dummy, lora_cfg, params=None) -> dict:
+  """Base params (given, or random) and, when `lora_cfg.targets` is set, a fresh adapter."""
   p_rng, l_rng = jax.random.split(rng)
-  params = nn.meta.unbox(model.init(p_rng, dummy)["params"])
+  if params is None:
+    params = nn.meta.unbox(model.init(p_rng, dummy)["params"])
   variables = {"params": params}
   if lora_cfg.targets:
     variables["lora"] = lora_lib.init(l_rng, params, lora_cfg.targets, lora_cfg.rank)
@@ -91,9 +95,16 @@ def build(config, mesh, vocab_size: int) -> Run:
   tx, schedule = state_lib.make_optimizer(config.optimizer, config.steps)
   patterns = tuple(config.trainable)
 
-  def make_state(rng):
-    variables = init_variables(rng, model, dummy, config.lora)
+  def make_state(rng, params=None):
+    variables = init_variables(rng, model, dummy, config.lora, params)
     return state_lib.create_state(variables, patterns, tx)
+
+  def final_params(state):
+    """The stage's result as plain params: the adapter (if any) merged into the base."""
+    variables = state.variables
+    if "lora" not in variables:
+      return variables["params"]
+    return lora_lib.merge(variables["params"], variables["lora"], config.lora.alpha, config.lora.rslora)
 
   shapes = jax.eval_shape(make_state, jax.random.key(0))
   names = {"params": param_names}
@@ -113,7 +124,12 @@ def build(config, mesh, vocab_size: int) -> Run:
   batch_sh = sharding.batch_sharding(mesh, rules)
 
   in_ctx = functools.partial(_in_context, mesh=mesh, rules=rules)
+  params_sh = sharding.tree_shardings(abstract_params, param_names, mesh, rules)
   init_state = jax.jit(in_ctx(make_state), out_shardings=state_sh)
+  init_from_params = jax.jit(in_ctx(make_state), in_shardings=(repl, params_sh), out_shardings=state_sh)
+  merged_params = jax.jit(in_ctx(final_params), in_shardings=(state_sh,), out_shardings=params_sh)
+  abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                 abstract_params, params_sh)
   train_step = jax.jit(
       in_ctx(functools.partial(step_lib.train_step, objective=objective, tx=tx, accum_steps=config.grad_accum)),
       in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
@@ -121,7 +137,7 @@ def build(config, mesh, vocab_size: int) -> Run:
                       in_shardings=(state_sh, batch_sh), out_shardings=repl)
   flops = _flops_per_token(model_cfg, config, abstract_params, shapes, patterns)
   return Run(config, mesh, rules, model_cfg, model, objective, tx, schedule, init_state, abstract_state,
-             state_sh, batch_sh, train_step, eval_step, flops)
+             state_sh, batch_sh, train_step, eval_step, flops, init_from_params, merged_params, abstract_params)
 
 
 def _in_context(fn, mesh, rules):
@@ -193,18 +209,17 @@ class _StopFlag:
     return flag
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config.steps` steps (resuming from `workdir/checkpoints` if present).
+def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: str = "") -> dict:
+  """Trains one stage for `config.steps` steps, resuming from `workdir/checkpoints` if present.
 
-  Returns a summary: eval metrics before/after, last train metrics, whether it was stopped
-  by a signal. Raises NonFiniteLoss (after keeping the last good checkpoint intact).
+  `base_params` (sharded like `run.abstract_params`) replaces the random init: the
+  previous stage's result or an imported Hugging Face model. Returns a summary: eval
+  metrics before/after, last train metrics, whether a signal stopped it, the final state
+  and the `Run`. Raises NonFiniteLoss (after keeping the last good checkpoint intact).
   """
   from mmjax.data import pipeline
-  from mmjax.data.tokenizer import load_tokenizer
 
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh)
-  tokenizer = load_tokenizer(config.data.tokenizer)
   run = build(config, mesh, tokenizer.vocab_size)
   pidx, pcount = jax.process_index(), jax.process_count()
 
@@ -217,22 +232,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir, config.steps)
+  prefix = f"[{label}] " if label else ""
   with jax.set_mesh(mesh):
-    state = run.init_state(jax.random.key(config.seed))
+    rng = jax.random.key(config.seed)
+    state = run.init_state(rng) if base_params is None else run.init_from_params(rng, base_params)
     start = 0
     if ckpt.latest_step() is not None:
       state = ckpt.restore(state, train_iter)
       start = int(jax.device_get(state.step))
-      writer.line(f"resumed from {ckpt.directory}/{start}")
+      writer.line(f"{prefix}resumed from {ckpt.directory}/{start}")
     n_train = lora_lib.count(state.trainable)
     n_total = n_train + lora_lib.count(state.frozen)
-    writer.line(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} device(s), "
-                f"{pcount} process(es); trainable {n_train:,} of {n_total:,} parameters")
+    writer.line(f"{prefix}mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} "
+                f"device(s), {pcount} process(es); trainable {n_train:,} of {n_total:,} parameters")
     summary = {"start_step": start, "preempted": False}
     if start == 0 or config.eval_every:
       summary["eval_before"] = evaluate(run, state, eval_batches)
       writer.write(start, summary["eval_before"], "eval")
-      writer.line(f"eval at step {start}: " + _fmt(summary["eval_before"]))
+      writer.line(f"{prefix}eval at step {start}: " + _fmt(summary["eval_before"]))
 
     peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.model.dtype,
                                    config.peak_tflops_per_device)
@@ -261,12 +278,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if config.eval_every and done % config.eval_every == 0 and done != config.steps:
           ev = evaluate(run, state, eval_batches)
           writer.write(done, ev, "eval")
-          writer.line(f"eval at step {done}: " + _fmt(ev))
+          writer.line(f"{prefix}eval at step {done}: " + _fmt(ev))
         if done % config.checkpoint_every == 0:
           ckpt.save(state, train_iter)
         if stop.requested():
           ckpt.save(state, train_iter, force=True)
-          writer.line(f"stopped by signal at step {done}; checkpoint saved in {ckpt.directory}/{done}")
+          writer.line(f"{prefix}stopped by signal at step {done}; checkpoint saved in {ckpt.directory}/{done}")
           summary["preempted"] = True
           break
       else:
@@ -274,7 +291,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if not summary["preempted"]:
       summary["eval_after"] = evaluate(run, state, eval_batches)
       writer.write(int(jax.device_get(state.step)), summary["eval_after"], "eval")
-      writer.line(f"eval at step {int(jax.device_get(state.step))}: " + _fmt(summary["eval_after"]))
+      writer.line(f"{prefix}eval at step {int(jax.device_get(state.step))}: " + _fmt(summary["eval_after"]))
       if "eval_before" in summary:
         writer.line(_before_after(summary["eval_before"], summary["eval_after"], start,
                                   int(jax.device_get(state.step))))

@@ -1,0 +1,125 @@
+"""Recipes as stage lists: each stage is a run of the one loop with its own overrides.
+
+`config.stage_order` names the stages; `config.stages.NAME` holds the keys that stage
+changes (objective, data, steps, trainable, lora, optimizer, ...). A stage starts from
+the previous stage's result — its params with its adapter merged in — or from the stage
+named in its `init_from_stage`; the first stage starts from `init_from_hf` or a seeded
+random init. Stage NAME works in `WORKDIR/stages/NAME/`; when it finishes it writes its
+merged params to `final/` and its eval metrics to `done.json`, so a restarted recipe skips
+finished stages and resumes the current one at its last checkpoint.
+
+With no stages, the config itself is the only stage and works in WORKDIR.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from mmjax.train import loop
+
+
+def stage_config(config, name: str) -> ml_collections.ConfigDict:
+  """The run config of stage `name`: the top-level config with the stage's keys applied."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  overrides = config.stages[name]
+  for path, value in _leaves(overrides):
+    node = out
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  out.stages = ml_collections.ConfigDict()
+  out.stage_order = ()
+  return out
+
+
+def _leaves(cfg, prefix=""):
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
+
+
+def _import_hf(config, run):
+  from mmjax.convert import llama as convert_llama
+  _, params = convert_llama.import_hf(config.init_from_hf, mesh=run.mesh, rules=run.rules,
+                                      dtype=config.model.param_dtype)
+  return params
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs every stage in order (or the config as one stage). Returns {stage: summary}."""
+  from mmjax import sharding
+  from mmjax.data.tokenizer import load_tokenizer
+
+  mesh = sharding.make_mesh(config.mesh)
+  names = tuple(config.stage_order) or ("main",)
+  results, finals = {}, {}
+  prev = None
+  for name in names:
+    cfg = stage_config(config, name) if config.stage_order else config
+    sdir = os.path.join(workdir, "stages", name) if config.stage_order else workdir
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    start_from = cfg.init_from_stage or prev
+    base = None
+    if start_from is not None:
+      base = finals.get(start_from)
+      if base is None:
+        raise ValueError(f"config.stages.{name}.init_from_stage={start_from!r} names no earlier stage; "
+                         f"earlier stages: {', '.join(finals) or 'none'}")
+    elif cfg.init_from_hf:
+      base = "hf"
+    done = os.path.join(sdir, "done.json")
+    if os.path.exists(done):  # finished before a restart: load its result, don't retrain
+      run = loop.build(cfg, mesh, tokenizer.vocab_size)
+      finals[name] = _restore_params(os.path.join(sdir, "final"), run)
+      results[name] = json.load(open(done))
+      prev = name
+      continue
+    run = loop.build(cfg, mesh, tokenizer.vocab_size)
+    base_params = _import_hf(cfg, run) if base == "hf" else base
+    summary = loop.train_stage(cfg, sdir, mesh, tokenizer, base_params,
+                               label=name if config.stage_order else "")
+    results[name] = summary
+    if summary["preempted"]:
+      break
+    if config.stage_order:
+      with jax.set_mesh(mesh):
+        finals[name] = summary["run"].merged_params(summary["state"])
+      _save_params(os.path.join(sdir, "final"), finals[name])
+      if jax.process_index() == 0:
+        with open(done, "w") as f:
+          json.dump({k: summary.get(k) for k in ("eval_before", "eval_after")}, f)
+    prev = name
+  if config.stage_order and jax.process_index() == 0 and not any(
+      isinstance(r, dict) and r.get("preempted") for r in results.values()):
+    print(_table(results), flush=True)
+  return results
+
+
+def _save_params(path, params):
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), params, force=True)
+  ckptr.wait_until_finished()
+
+
+def _restore_params(path, run):
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), run.abstract_params)
+
+
+def _table(results: dict) -> str:
+  keys = []
+  for r in results.values():
+    for k in (r.get("eval_after") or {}):
+      if k not in keys:
+        keys.append(k)
+  rows = [f"{'stage':<16}" + "".join(f"{k:>14}" for k in keys)]
+  for name, r in results.items():
+    ev = r.get("eval_after") or {}
+    rows.append(f"{name:<16}" + "".join(f"{ev.get(k, float('nan')):>14.4f}" for k in keys))
+  return "\n".join(rows)
