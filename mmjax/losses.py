@@ -29,3 +29,66 @@ def token_accuracy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tu
   mask = mask.astype(jnp.float32)
   hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return jnp.sum(hit * mask), jnp.sum(mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Preference optimisation (DPO family). Formulas follow TRL's DPOTrainer.dpo_loss.
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "apo_zero")
+
+
+def sequence_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                       average: bool = False) -> jax.Array:
+  """Sum (or mean, if `average`) of log p(target) over the masked positions of each row -> [B]."""
+  mask = mask.astype(jnp.float32)
+  total = jnp.sum(token_log_probs(logits, targets) * mask, axis=-1)
+  if average:
+    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+  return total
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_lengths=None, rejected_lengths=None, bco_delta=None):
+  """Per-example DPO-family losses and the (stop-gradient) chosen/rejected rewards.
+
+  All log-prob inputs are summed over response tokens, shape [B]. Returns
+  (losses [B], chosen_rewards [B], rejected_rewards [B]) with
+  rewards = beta * (policy - reference) log-prob.
+
+  loss_type: 'sigmoid' (DPO, with conservative label smoothing), 'robust' (label
+  smoothing in [0, 0.5), unbiased), 'hinge' (SLiC), 'ipo' (log-probs divided by response
+  length when the lengths are given, as TRL does), 'bco_pair' (delta = `bco_delta`, by
+  default the batch mean of all rewards; TRL keeps a running mean across steps, which a
+  caller can pass in), 'apo_zero'.
+  """
+  if loss_type not in DPO_LOSS_TYPES:
+    raise ValueError(f"loss_type={loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+  pc, pr, rc, rr = (jnp.asarray(x, jnp.float32) for x in (
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps))
+  if loss_type == "ipo" and chosen_lengths is not None and rejected_lengths is not None:
+    lc = jnp.maximum(jnp.asarray(chosen_lengths, jnp.float32), 1.0)
+    lr = jnp.maximum(jnp.asarray(rejected_lengths, jnp.float32), 1.0)
+    pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
+  chosen_logratios = pc - rc
+  rejected_logratios = pr - rr
+  logits = chosen_logratios - rejected_logratios
+  ls = label_smoothing
+  if loss_type == "sigmoid":
+    losses = -jax.nn.log_sigmoid(beta * logits) * (1 - ls) - jax.nn.log_sigmoid(-beta * logits) * ls
+  elif loss_type == "robust":
+    losses = (-jax.nn.log_sigmoid(beta * logits) * (1 - ls) + jax.nn.log_sigmoid(-beta * logits) * ls) / (1 - 2 * ls)
+  elif loss_type == "hinge":
+    losses = jax.nn.relu(1 - beta * logits)
+  elif loss_type == "ipo":
+    losses = (logits - 1 / (2 * beta)) ** 2
+  elif loss_type == "bco_pair":
+    cr, rj = beta * chosen_logratios, beta * rejected_logratios
+    if bco_delta is None:
+      bco_delta = jax.lax.stop_gradient(jnp.mean(jnp.concatenate([cr, rj])))
+    losses = -jax.nn.log_sigmoid(cr - bco_delta) - jax.nn.log_sigmoid(-(rj - bco_delta))
+  else:  # apo_zero
+    losses = (1 - jax.nn.sigmoid(beta * chosen_logratios)) + jax.nn.sigmoid(beta * rejected_logratios)
+  chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
+  rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
+  return losses, chosen_rewards, rejected_rewards
