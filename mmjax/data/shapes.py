@@ -1,0 +1,491 @@
+"""The built-in "shapes" multimodal data set: images and short videos generated on the fly.
+
+Every example is a pure function of (kind, seed, split, index): no files, pure numpy and
+`random`, well under a millisecond per 32x32 image. A scene is 1..N objects on a plain
+dark background, each in its own cell of a 3x3 grid (so objects never overlap):
+
+  shape     square | circle | triangle  (also diamond, cross)      -> class id = cfg.shapes.index
+  colour    red | green | blue | yellow | purple | white  (also cyan, pink); distinct RGB
+  size      small | large
+  position  top left | top | top right | left | center | right | bottom left | bottom | bottom right
+
+Grammar (only characters of the builtin tokenizer: lowercase, digits, space, `.,?`):
+
+  image caption  "a large red circle at the top left. a small blue square at the center."
+                 one sentence per object, in grid order (row by row, left to right)
+  video caption  "first a red circle appears at the top left, then the red circle moves to
+                 the center, then a blue square appears at the right, then the red circle
+                 disappears from the center."
+                 one clause per event; objects have distinct (colour, shape) in a video and
+                 each appears at most once, never returns to a cell it has left
+  questions      count "how many circles are there?" -> "2"; colour "what colour is the
+                 square?" -> "red"; shape "what shape is the object at the top?" -> "circle";
+                 size "what size is the red circle?" -> "large"; position "where is the red
+                 circle?" -> "top left"; existence "is there a blue triangle?" -> "yes" | "no"
+
+Atomic facts (hashable tuples; `mmjax.evals.captions.parse_caption` returns the same ones):
+
+  image  ("object", colour, shape, size, position)        one per object, in caption order
+  video  ("event", step, verb, colour, shape, position)   step = 1, 2, ... in caption order;
+         verb in appears | moves | disappears; position = where it appears, the cell it moves
+         to, or the cell it disappears from
+
+`ShapesSource(kind, size, seed=0, split="train", cfg=ShapesConfig())` is a random-access
+source (`__len__`, `__getitem__`) for Grain. kind:
+
+  image_caption  prompt "describe the image." / response = caption
+  vqa            prompt = one question / response = its answer (one skill drawn per index)
+  video_caption  prompt "describe the video." / response = caption
+  pool           one task per index, drawn by `cfg.pool_mix` (each as above), with skill tags
+
+Record keys, every kind: `kind` (the task: image_caption | vqa | video_caption), `index`,
+`prompt`, `response`, `caption`, `facts` (list of tuples), `qa` (list of (question, answer,
+skill)), `skills` (tuple of tags from SKILLS), `classes` int32 [n]. Images add `image` uint8
+[H, W, 3], `boxes` float32 [n, 4], `masks` bool [n, H, W]. Videos add `frames` uint8 [T, H,
+W, 3], `boxes` float32 [T, n, 4] (0 where absent), `masks` bool [T, n, H, W], `visible` bool
+[T, n], `times` (per step, the first frame that shows its event) and `qa` = []. Boxes are
+[x0, y0, x1, y1] pixel edges, tight around the mask: the object covers columns x0..x1-1 and
+rows y0..y1-1. Mask pixels are exactly the object's palette colour.
+
+Splits: like `sources.GeneratedTask`, an example belongs to `eval` iff crc32 of its caption
+(image caption for image kinds, video caption for videos) % 10 == 0, else `train`; draws are
+repeated until the split matches. So no image, caption or video of one split ever occurs in
+the other, for any config or seed. Seeds give independent streams within a split.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import json
+import random
+import zlib
+
+import numpy as np
+
+SHAPES = ("square", "circle", "triangle", "diamond", "cross")
+PLURALS = {"square": "squares", "circle": "circles", "triangle": "triangles", "diamond": "diamonds",
+           "cross": "crosses"}
+PALETTE = {  # distinct RGB, none equal to BACKGROUND; "a"-words only (no "an orange")
+    "red": (230, 40, 40), "green": (40, 200, 70), "blue": (50, 100, 245), "yellow": (240, 220, 40),
+    "purple": (160, 60, 220), "white": (240, 240, 240), "cyan": (40, 215, 225), "pink": (250, 140, 190)}
+COLOURS = tuple(PALETTE)
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",
+             "bottom left", "bottom", "bottom right")  # grid cell r * 3 + c
+VERBS = ("appears", "moves", "disappears")
+KINDS = ("image_caption", "vqa", "video_caption", "pool")
+TASKS = ("image_caption", "vqa", "video_caption")
+QA_SKILLS = ("count", "colour", "shape", "size", "position", "existence")
+SKILLS = ("colour", "shape", "size", "position", "count", "existence", "temporal_order")
+CAPTION_SKILLS = ("colour", "shape", "size", "position", "count")
+VIDEO_SKILLS = ("temporal_order", "colour", "shape", "position")
+BACKGROUND = (16, 16, 24)
+IMAGE_PROMPT = "describe the image."
+VIDEO_PROMPT = "describe the video."
+EVAL_BUCKETS = 10  # 1 in 10 captions is held out
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesConfig:
+  """What a shapes example may contain. Names must come from SHAPES / COLOURS / SIZES."""
+  image_size: int = 32  # H = W; >= 27 so shapes stay distinct and sizes differ by >= 2 pixels
+  min_objects: int = 1  # objects per image
+  max_objects: int = 3  # <= 9 (one per grid cell); also the most objects on a video frame
+  shapes: tuple = ("square", "circle", "triangle")
+  colours: tuple = ("red", "green", "blue", "yellow", "purple", "white")
+  sizes: tuple = SIZES
+  jitter: bool = True  # random offset of an object inside its cell (else centred)
+  video_frames: int = 5  # T
+  min_events: int = 2  # events per video; each on its own frame
+  max_events: int = 4  # <= video_frames
+  qa_skills: tuple = QA_SKILLS  # skills a vqa example may ask about
+  pool_mix: tuple = (("image_caption", 1.0), ("vqa", 3.0), ("video_caption", 1.0))  # weights
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.shapes)
+
+  def validate(self) -> "ShapesConfig":
+    """Raises ValueError naming the field, its value and what is valid."""
+    def bad(key, valid):
+      return ValueError(f"shapes config {key}={getattr(self, key)!r} is not valid; {valid}")
+    if not isinstance(self.image_size, int) or self.image_size < 27:
+      raise bad("image_size", "expected an integer >= 27")
+    for key, vocab in (("shapes", SHAPES), ("colours", COLOURS), ("sizes", SIZES), ("qa_skills", QA_SKILLS)):
+      names = getattr(self, key)
+      if not names or len(set(names)) != len(names) or any(n not in vocab for n in names):
+        raise bad(key, f"expected distinct names from {', '.join(vocab)}")
+    if not 1 <= self.min_objects <= self.max_objects <= 9:
+      raise bad("max_objects", f"expected 1 <= min_objects ({self.min_objects}) <= max_objects <= 9")
+    if not 1 <= self.min_events <= self.max_events <= self.video_frames:
+      raise bad("max_events", f"expected 1 <= min_events ({self.min_events}) <= max_events <= "
+                f"video_frames ({self.video_frames})")
+    if len(self.shapes) * len(self.colours) < self.max_events:
+      raise bad("colours", f"a video needs >= max_events ({self.max_events}) (colour, shape) pairs")
+    mix = dict(self.pool_mix)
+    if not mix or any(t not in TASKS or w < 0 for t, w in mix.items()) or sum(mix.values()) <= 0:
+      raise bad("pool_mix", f"expected (task, weight >= 0) pairs with tasks from {', '.join(TASKS)}")
+    return self
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _cell_edges(size: int) -> np.ndarray:
+  return np.round(np.arange(4) * size / 3).astype(int)  # 32 -> [0, 11, 21, 32]
+
+
+def object_sides(size: int) -> dict:
+  """Side in pixels of the square an object is drawn in: {"small": s, "large": l}."""
+  cell = size // 3
+  return {"small": max(5, (cell + 1) // 2), "large": min(cell - 2, round(0.85 * cell))}
+
+
+@functools.lru_cache(maxsize=None)
+def _patch(shape: str, side: int) -> np.ndarray:
+  """bool [side, side]: the shape sampled at pixel centres of its unit square."""
+  c = (np.arange(side) + 0.5) / side - 0.5  # centred coordinates in (-0.5, 0.5)
+  u, v = c[None, :], c[:, None]
+  if shape == "square":
+    m = np.ones((side, side), bool)
+  elif shape == "circle":
+    m = u * u + v * v <= 0.25
+  elif shape == "diamond":
+    m = np.abs(u) + np.abs(v) <= 0.5
+  elif shape == "triangle":  # apex up, base on the bottom row
+    m = np.abs(u) <= (v + 0.5) / 2
+  elif shape == "cross":
+    m = (np.abs(u) <= 1 / 6) | (np.abs(v) <= 1 / 6)  # arms a third wide
+  else:
+    raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+  m = np.broadcast_to(m, (side, side)).copy()
+  m.flags.writeable = False
+  return m
+
+
+@functools.lru_cache(maxsize=None)
+def _patch_box(shape: str, side: int) -> tuple:
+  m = _patch(shape, side)
+  rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+  return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _place(rng: random.Random, cell: int, side: int, size: int, jitter: bool) -> tuple:
+  """Top-left corner (x, y) of a side x side square inside `cell`, 1 pixel from its edges."""
+  e = _cell_edges(size)
+  out = []
+  for lo, hi in ((e[cell % 3], e[cell % 3 + 1]), (e[cell // 3], e[cell // 3 + 1])):
+    first, last = lo + 1, hi - 1 - side
+    out.append(rng.randint(first, last) if jitter else (first + last) // 2)
+  return tuple(out)
+
+
+def _draw(image, mask, obj, size):
+  """Paints `obj` = (shape, colour, size_name, cell, (x, y)) into image [H, W, 3] and
+  mask [H, W]; returns its float32 box."""
+  shape, colour, size_name, _, (x, y) = obj
+  side = object_sides(size)[size_name]
+  patch = _patch(shape, side)
+  image[y:y + side, x:x + side][patch] = PALETTE[colour]
+  mask[y:y + side, x:x + side] = patch
+  x0, y0, x1, y1 = _patch_box(shape, side)
+  return np.array([x + x0, y + y0, x + x1, y + y1], np.float32)
+
+
+def _canvas(n_frames, size):
+  return np.broadcast_to(np.array(BACKGROUND, np.uint8), (n_frames, size, size, 3)).copy()
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def object_sentence(fact) -> str:
+  _, colour, shape, size, position = fact
+  return f"a {size} {colour} {shape} at the {position}."
+
+
+def image_caption(facts) -> str:
+  return " ".join(object_sentence(f) for f in facts)
+
+
+def event_clause(fact) -> str:
+  _, _, verb, colour, shape, position = fact
+  if verb == "appears":
+    return f"a {colour} {shape} appears at the {position}"
+  if verb == "moves":
+    return f"the {colour} {shape} moves to the {position}"
+  return f"the {colour} {shape} disappears from the {position}"
+
+
+def video_caption(facts) -> str:
+  clauses = [("first " if i == 0 else "then ") + event_clause(f) for i, f in enumerate(facts)]
+  return ", ".join(clauses) + "." if clauses else ""
+
+
+def is_eval_caption(caption: str) -> bool:
+  return zlib.crc32(caption.encode()) % EVAL_BUCKETS == 0
+
+
+# ----------------------------------------------------------------------------- questions
+
+_REFS = (("shape",), ("colour",), ("colour", "shape"), ("size", "shape"), ("size", "colour"),
+         ("size", "colour", "shape"), ("position",))
+_ATTR = {"colour": 1, "shape": 2, "size": 3, "position": 4}  # index into an object fact
+
+
+def _ref(fact, attrs) -> str:
+  words = [fact[_ATTR[a]] for a in ("size", "colour") if a in attrs]
+  words.append(fact[2] if "shape" in attrs else "object")
+  text = "the " + " ".join(words)
+  return text + f" at the {fact[4]}" if "position" in attrs else text
+
+
+def _unique_refs(facts, fact, asked):
+  """Attribute sets that name `fact` uniquely among `facts` without using `asked`."""
+  out = []
+  for attrs in _REFS:
+    if asked in attrs:
+      continue
+    key = [_ATTR[a] for a in attrs]
+    if sum(all(f[k] == fact[k] for k in key) for f in facts) == 1:
+      out.append(attrs)
+  return out
+
+
+def make_question(facts, skill: str, rng: random.Random, cfg: ShapesConfig) -> tuple:
+  """(question, answer, skill) about the objects `facts` of one image."""
+  if skill == "count":
+    if rng.random() < 0.25:
+      return "how many objects are there?", str(len(facts)), skill
+    shape = rng.choice(cfg.shapes)
+    return f"how many {PLURALS[shape]} are there?", str(sum(f[2] == shape for f in facts)), skill
+  if skill == "existence":
+    present = {(f[1], f[2]) for f in facts}
+    absent = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) not in present]
+    if absent and rng.random() < 0.5:
+      (colour, shape), answer = rng.choice(absent), "no"
+    else:
+      (colour, shape), answer = rng.choice(sorted(present)), "yes"
+    return f"is there a {colour} {shape}?", answer, skill
+  order = list(facts)
+  rng.shuffle(order)
+  for fact in order:
+    refs = _unique_refs(facts, fact, skill)
+    if refs:
+      ref = _ref(fact, rng.choice(refs))
+      if skill == "position":
+        return f"where is {ref}?", fact[4], skill
+      word = {"colour": "colour", "shape": "shape", "size": "size"}[skill]
+      return f"what {word} is {ref}?", fact[_ATTR[skill]], skill
+  # Only a position question can fail (identical objects): ask about a cell instead.
+  cell = rng.randrange(9)
+  occupied = any(f[4] == POSITIONS[cell] for f in facts)
+  return f"is there an object at the {POSITIONS[cell]}?", "yes" if occupied else "no", skill
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def _draw_objects(rng, cfg):
+  n = rng.randint(cfg.min_objects, cfg.max_objects)
+  cells = sorted(rng.sample(range(9), n))
+  return [(rng.choice(cfg.shapes), rng.choice(cfg.colours), rng.choice(cfg.sizes), c) for c in cells]
+
+
+def _split_rng(key: str, split: str, caption_of, draw):
+  """Draws from a stream seeded by `key` until the caption falls in `split`."""
+  rng = random.Random(key)  # str seeds are hashed stably (sha512)
+  for _ in range(10_000):
+    scene = draw(rng)
+    if is_eval_caption(caption_of(scene)) == (split == "eval"):
+      return rng, scene
+  raise ValueError(f"shapes: no {split} example found for {key}: the config allows too few captions")
+
+
+def make_image(key: str, split: str, cfg: ShapesConfig) -> dict:
+  """One image example (without a task) for the stream `key`."""
+  facts_of = lambda objs: [("object", c, s, z, POSITIONS[cell]) for s, c, z, cell in objs]
+  rng, objs = _split_rng(key, split, lambda o: image_caption(facts_of(o)), lambda r: _draw_objects(r, cfg))
+  size, sides = cfg.image_size, object_sides(cfg.image_size)
+  image = _canvas(1, size)[0]
+  masks = np.zeros((len(objs), size, size), bool)
+  boxes = np.zeros((len(objs), 4), np.float32)
+  for i, (s, c, z, cell) in enumerate(objs):
+    corner = _place(rng, cell, sides[z], size, cfg.jitter)
+    boxes[i] = _draw(image, masks[i], (s, c, z, cell, corner), size)
+  facts = facts_of(objs)
+  return {"image": image, "boxes": boxes, "masks": masks, "facts": facts,
+          "classes": np.array([cfg.shapes.index(o[0]) for o in objs], np.int32),
+          "caption": image_caption(facts), "rng": rng}
+
+
+def _draw_events(rng, cfg):
+  """[(verb, object id, cell)], objects [(shape, colour, size)] and times of one video."""
+  n_events = rng.randint(cfg.min_events, cfg.max_events)
+  times = sorted(rng.sample(range(cfg.video_frames), n_events))
+  combos = [(s, c) for s in cfg.shapes for c in cfg.colours]
+  rng.shuffle(combos)
+  objects, where, visited, events = [], {}, {}, []
+  for _ in range(n_events):
+    free = [c for c in range(9) if c not in where.values()]
+    movable = [o for o in where if any(c not in visited[o] for c in free)]
+    verbs = (["appears"] if len(where) < cfg.max_objects and len(objects) < len(combos) else [])
+    verbs += (["moves"] if movable else []) + (["disappears"] if where else [])
+    verb = rng.choice(verbs)
+    if verb == "appears":
+      o, cell = len(objects), rng.choice(free)
+      objects.append(combos[o] + (rng.choice(cfg.sizes),))
+      visited[o] = {cell}
+    elif verb == "moves":
+      o = rng.choice(movable)
+      cell = rng.choice([c for c in free if c not in visited[o]])
+      visited[o].add(cell)
+    else:
+      o = rng.choice(sorted(where))
+      cell = where[o]
+    events.append((verb, o, cell))
+    if verb == "disappears":
+      del where[o]
+    else:
+      where[o] = cell
+  return events, objects, times
+
+
+def _event_facts(scene):
+  events, objects, _ = scene
+  return [("event", k + 1, verb, objects[o][1], objects[o][0], POSITIONS[cell])
+          for k, (verb, o, cell) in enumerate(events)]
+
+
+def make_video(key: str, split: str, cfg: ShapesConfig) -> dict:
+  """One video example for the stream `key`: objects appear, move and disappear."""
+  rng, scene = _split_rng(key, split, lambda s: video_caption(_event_facts(s)),
+                          lambda r: _draw_events(r, cfg))
+  events, objects, times = scene
+  size, sides, T, n = cfg.image_size, object_sides(cfg.image_size), cfg.video_frames, len(objects)
+  frames = _canvas(T, size)
+  masks = np.zeros((T, n, size, size), bool)
+  boxes = np.zeros((T, n, 4), np.float32)
+  visible = np.zeros((T, n), bool)
+  state = {}  # object -> (cell, corner)
+  step = 0
+  for t in range(T):
+    while step < len(events) and times[step] == t:
+      verb, o, cell = events[step]
+      if verb == "disappears":
+        del state[o]
+      else:
+        state[o] = (cell, _place(rng, cell, sides[objects[o][2]], size, cfg.jitter))
+      step += 1
+    for o, (cell, corner) in state.items():
+      s, c, z = objects[o]
+      boxes[t, o] = _draw(frames[t], masks[t, o], (s, c, z, cell, corner), size)
+      visible[t, o] = True
+  facts = _event_facts(scene)
+  return {"frames": frames, "boxes": boxes, "masks": masks, "visible": visible, "times": list(times),
+          "classes": np.array([cfg.shapes.index(o[0]) for o in objects], np.int32),
+          "facts": facts, "caption": video_caption(facts), "rng": rng}
+
+
+# ----------------------------------------------------------------------------- source
+
+
+class ShapesSource:
+  """Random-access shapes examples (see the module docstring for kinds and record keys)."""
+
+  def __init__(self, kind: str, size: int, seed: int = 0, split: str = "train",
+               cfg: ShapesConfig | None = None):
+    if kind not in KINDS:
+      raise ValueError(f"shapes kind {kind!r} is unknown; valid: {', '.join(KINDS)}")
+    if int(size) <= 0:
+      raise ValueError(f"shapes size must be positive, got {size}")
+    if split not in ("train", "eval"):
+      raise ValueError(f"shapes split must be 'train' or 'eval', got {split!r}")
+    self.kind, self.size, self.seed, self.split = kind, int(size), int(seed), split
+    self.cfg = (cfg or ShapesConfig()).validate()
+    mix = dict(self.cfg.pool_mix)
+    self._tasks = [t for t in TASKS if mix.get(t, 0) > 0]
+    self._weights = [mix[t] for t in self._tasks]
+
+  @property
+  def class_names(self) -> tuple:
+    return self.cfg.shapes
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    index = int(index)
+    if not 0 <= index < self.size:
+      raise IndexError(f"index {index} out of range for {self!r}")
+    task = self.kind
+    if task == "pool":
+      task = random.Random(f"shapes-pool/{self.seed}/{index}").choices(self._tasks, self._weights)[0]
+    # Image kinds share one stream: vqa index i asks about image_caption index i's image.
+    stream = "video" if task == "video_caption" else "image"
+    key = f"shapes-{stream}/{self.split}/{self.seed}/{index}"
+    if task == "video_caption":
+      ex = make_video(key, self.split, self.cfg)
+      ex.update(prompt=VIDEO_PROMPT, response=ex["caption"], qa=[], skills=VIDEO_SKILLS)
+    else:
+      ex = make_image(key, self.split, self.cfg)
+      rng = random.Random(f"shapes-qa/{key}")  # the task draw does not move the image stream
+      ex["qa"] = [make_question(ex["facts"], s, rng, self.cfg) for s in self.cfg.qa_skills]
+      if task == "vqa":
+        question, answer, skill = ex["qa"][rng.randrange(len(ex["qa"]))]
+        ex.update(prompt=question, response=answer, skills=(skill,))
+      else:
+        ex.update(prompt=IMAGE_PROMPT, response=ex["caption"], skills=CAPTION_SKILLS)
+    del ex["rng"]
+    ex.update(kind=task, index=index)
+    return ex
+
+  def __repr__(self):
+    return f"ShapesSource({self.kind!r}, size={self.size}, seed={self.seed}, split={self.split!r})"
+
+
+# ----------------------------------------------------------------------------- files
+
+_ARRAYS = ("image", "frames", "boxes", "masks", "classes", "visible")
+
+
+def to_json_record(ex: dict) -> dict:
+  """A JSON-able dict of an example: arrays as {"dtype", "shape", "b64"} (raw bytes)."""
+  out = {}
+  for k, v in ex.items():
+    if k in _ARRAYS:
+      v = np.ascontiguousarray(v)
+      out[k] = {"dtype": v.dtype.str, "shape": list(v.shape), "b64": base64.b64encode(v.tobytes()).decode()}
+    elif k in ("facts", "qa", "skills"):
+      out[k] = [list(x) if isinstance(x, tuple) else x for x in v]
+    else:
+      out[k] = v
+  return out
+
+
+def from_json_record(raw) -> dict:
+  """Inverse of `to_json_record` (accepts the dict, or its JSON text / bytes)."""
+  obj = json.loads(raw) if isinstance(raw, (str, bytes)) else dict(raw)
+  for k in _ARRAYS:
+    if k in obj:
+      a = obj[k]
+      obj[k] = np.frombuffer(base64.b64decode(a["b64"]), np.dtype(a["dtype"])).reshape(a["shape"]).copy()
+  for k in ("facts", "qa"):
+    if k in obj:
+      obj[k] = [tuple(x) for x in obj[k]]
+  if "skills" in obj:
+    obj["skills"] = tuple(obj["skills"])
+  return obj
+
+
+def write_arrayrecord(source, path: str, indices=None) -> int:
+  """Writes examples of `source` as JSON records to one ArrayRecord file; returns the count.
+
+  `sources.ArrayRecordSource(path)` reads them back as prompt/response records (text only);
+  `from_json_record(raw_bytes)` restores the full example, arrays included.
+  """
+  from mmjax.data import sources
+
+  indices = range(len(source)) if indices is None else indices
+  return sources.write_arrayrecord((to_json_record(source[i]) for i in indices), path)

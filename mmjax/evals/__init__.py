@@ -1,0 +1,1 @@
+"""Evaluations: caption atomic-fact metrics (`captions`)."""
