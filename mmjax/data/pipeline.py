@@ -30,7 +30,9 @@ import numpy as np
 from mmjax.data import sources, tokenizer as tokenizer_lib
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-SOURCES = ("generated", "jsonl", "arrayrecord", "tfds")
+SOURCES = ("generated", "jsonl", "arrayrecord", "tfds", "shapes")
+SHAPES_TASKS = ("image_caption", "vqa", "video_caption")
+MEDIA_FIELDS = ("images", "frames")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -53,6 +55,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       num_eval_examples=256,  # generated eval set size; 0 = no eval set
       shuffle=True,  # reshuffle the train set every epoch with the run seed
       worker_count=0,  # Grain worker processes; 0 = in-process
+      image_size=32,  # images are resized (jsonl image paths) or rendered (shapes) at this size
+      max_objects=3,  # shapes: objects per image
+      video_frames=5,  # shapes: frames per video
   ))
 
 
@@ -76,8 +81,13 @@ def validate_data_config(data_cfg) -> None:
   for key in ("packing", "shuffle"):
     if not isinstance(c[key], bool):
       raise _bad(key, c[key], "expected True or False")
-  if c.source == "generated":
-    if c.task not in sources.GENERATED_TASKS:
+  if c.source == "shapes":
+    if c.task not in SHAPES_TASKS:
+      raise _bad("task", c.task, f"data.source='shapes' expects one of {', '.join(SHAPES_TASKS)}")
+    if c.packing:
+      raise _bad("packing", c.packing, "packing is not supported with images or videos; set it to False")
+  if c.source in ("generated", "shapes"):
+    if c.source == "generated" and c.task not in sources.GENERATED_TASKS:
       raise _bad("task", c.task, f"expected one of {', '.join(sources.GENERATED_TASKS)}")
     if c.num_train_examples <= 0:
       raise _bad("num_train_examples", c.num_train_examples, "expected a positive count")
@@ -118,14 +128,40 @@ def _content(record: dict, tok) -> tuple[list[int], list[int], int]:
   raise sources.RecordError(f"record has keys {sorted(record)}; expected text, prompt/response or messages")
 
 
-def tokenize_example(record: dict, tokenizer, seq_len: int) -> dict:
+def media_kind(record: dict) -> str | None:
+  """'image' or 'video' when a record carries pixels (or an image path), else None."""
+  if "frames" in record:
+    return "video"
+  if "image" in record:
+    return "image"
+  return None
+
+
+def _visual_prefix(record, tokenizer, visual_tokens, seq_len):
+  kind = media_kind(record)
+  if kind is None:
+    return []
+  if not visual_tokens or kind not in visual_tokens:
+    raise ValueError(f"a record has an {kind} but the model takes no {kind} input")
+  if getattr(tokenizer, "image_id", None) is None:
+    raise ValueError("the tokenizer has no '<image>' token to mark visual positions; add one to its vocabulary")
+  n = visual_tokens[kind]
+  if n >= seq_len:
+    raise ValueError(f"seq_len={seq_len} cannot hold the {n} visual tokens of an {kind} plus text; raise seq_len")
+  return [tokenizer.image_id] * n
+
+
+def tokenize_example(record: dict, tokenizer, seq_len: int, visual_tokens: dict | None = None) -> dict:
   """Unpadded `tokens`, `targets`, `loss_mask` (int32 [n], 1 <= n <= seq_len) of a record.
 
-  Sequence: [bos] + content + [eos] (bos when the tokenizer has one and the content does
-  not already start with it; eos unless the content already ends with it), truncated to
-  seq_len + 1 and shifted by one.
+  Sequence: [bos] + visual placeholders + content + [eos] (bos when the tokenizer has one
+  and the content does not already start with it; eos unless the content already ends
+  with it), truncated to seq_len + 1 and shifted by one. `visual_tokens` maps 'image' /
+  'video' to the number of placeholder tokens the model replaces with visual embeddings.
   """
   ids, mask, eos_mask = _content(record, tokenizer)
+  prefix = _visual_prefix(record, tokenizer, visual_tokens, seq_len)
+  ids, mask = prefix + ids, [0] * len(prefix) + mask
   if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
     ids, mask = [tokenizer.bos_id] + ids, [0] + mask
   if not ids or ids[-1] != tokenizer.eos_id:
@@ -137,7 +173,7 @@ def tokenize_example(record: dict, tokenizer, seq_len: int) -> dict:
   return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
 
 
-def prompt_ids(record: dict, tokenizer) -> list[int]:
+def prompt_ids(record: dict, tokenizer, visual_tokens: dict | None = None, seq_len: int = 1 << 30) -> list[int]:
   """The tokens a sampler starts from to answer a record, laid out as in training: bos +
   prompt for prompt/response records; for messages, the turns before the last assistant
   turn plus the assistant header. Generation should stop at `tokenizer.eos_id`."""
@@ -149,6 +185,7 @@ def prompt_ids(record: dict, tokenizer) -> list[int]:
     ids = tokenizer.encode_chat_prompt(msgs[:last])
   else:
     raise ValueError("prompt_ids needs a prompt/response or messages record, got a text record")
+  ids = _visual_prefix(record, tokenizer, visual_tokens, seq_len) + list(ids)
   if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
     ids = [tokenizer.bos_id] + ids
   return ids
@@ -166,13 +203,37 @@ def pad_example(example: dict, seq_len: int, pad_id: int) -> dict:
   return out
 
 
-def tokenize_record(record: dict, tokenizer, seq_len: int) -> dict:
-  """A record -> dict of int32 [seq_len] arrays: tokens, targets, loss_mask, segment_ids, positions."""
-  return pad_example(tokenize_example(record, tokenizer, seq_len), seq_len, tokenizer.pad_id)
+def tokenize_record(record: dict, tokenizer, seq_len: int, visual_tokens: dict | None = None,
+                    image_size: int = 32) -> dict:
+  """A record -> dict of int32 [seq_len] arrays: tokens, targets, loss_mask, segment_ids,
+  positions; plus `images` float32 [H, W, 3] or `frames` [T, H, W, 3] (in [-1, 1]) for media."""
+  out = pad_example(tokenize_example(record, tokenizer, seq_len, visual_tokens), seq_len, tokenizer.pad_id)
+  kind = media_kind(record)
+  if kind == "image":
+    out["images"] = load_image(record["image"], image_size)
+  elif kind == "video":
+    out["frames"] = np.stack([load_image(f, image_size) for f in record["frames"]])
+  return out
 
 
-def _tokenize_padded(record, *, tokenizer, seq_len):
-  return tokenize_record(record, tokenizer, seq_len)
+def load_image(image, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] pixels or an image file path -> float32 [size, size, 3] in [-1, 1]."""
+  if isinstance(image, (str, os.PathLike)):
+    from PIL import Image
+    try:
+      with Image.open(image) as im:
+        image = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"image {image}: cannot be read ({e})") from None
+  image = np.asarray(image)
+  if image.shape[:2] != (size, size):
+    from PIL import Image
+    image = np.asarray(Image.fromarray(image.astype(np.uint8)).resize((size, size), Image.BICUBIC))
+  return (image.astype(np.float32) / 127.5 - 1.0)
+
+
+def _tokenize_padded(record, *, tokenizer, seq_len, visual_tokens=None, image_size=32):
+  return tokenize_record(record, tokenizer, seq_len, visual_tokens, image_size)
 
 
 def _tokenize_unpadded(record, *, tokenizer, seq_len):
@@ -186,7 +247,7 @@ def _from_packed(packed: dict) -> dict:
 
 
 def _own_arrays(batch: dict) -> dict:
-  return {k: np.array(v, np.int32) for k, v in batch.items()}
+  return {k: np.array(v, np.float32 if k in MEDIA_FIELDS else np.int32) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- iterators
@@ -209,7 +270,8 @@ def _open_source(data_cfg, split: str):
 
 
 def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, tokenizer,
-                       process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                       process_index: int = 0, process_count: int = 1,
+                       visual_tokens: dict | None = None) -> grain.IterDataset:
   """The infinite train `IterDataset` of local batches (see the module docstring)."""
   validate_data_config(data_cfg)
   local = _local_batch(global_batch, process_index, process_count)
@@ -230,7 +292,8 @@ def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, 
         padding_struct={"tokens": tokenizer.pad_id, "targets": tokenizer.pad_id, "loss_mask": 0})
     it = it.map(_from_packed).batch(local, drop_remainder=True)
   else:
-    ds = ds.map(functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len))
+    ds = ds.map(functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len,
+                                  visual_tokens=visual_tokens, image_size=data_cfg.image_size))
     it = ds.batch(local, drop_remainder=True).to_iter_dataset(read)
   if data_cfg.worker_count > 0:
     from absl import flags  # Grain workers read absl flags; outside absl.app nobody parsed them
@@ -242,16 +305,18 @@ def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, 
 
 
 def make_train_iterator(data_cfg, *, global_batch: int, seq_len: int, seed: int, tokenizer,
-                        process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+                        process_index: int = 0, process_count: int = 1,
+                        visual_tokens: dict | None = None) -> grain.DatasetIterator:
   """An endless iterator of local batches (dicts of int32 [global_batch // process_count,
   seq_len] arrays) with `get_state()` / `set_state()` for exact resume."""
   return iter(make_train_dataset(data_cfg, global_batch=global_batch, seq_len=seq_len, seed=seed,
                                  tokenizer=tokenizer, process_index=process_index,
-                                 process_count=process_count))
+                                 process_count=process_count, visual_tokens=visual_tokens))
 
 
 def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
-                      process_index: int = 0, process_count: int = 1) -> list[dict]:
+                      process_index: int = 0, process_count: int = 1,
+                      visual_tokens: dict | None = None) -> list[dict]:
   """Every eval record once, in order, as local batches of `batch // process_count` rows.
 
   `batch` is the global eval batch; process p holds rows p, p+P, ... of each global batch.
@@ -264,7 +329,8 @@ def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
   if source is None:
     return []
   ds = grain.MapDataset.source(source).map(
-      functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len))
+      functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len,
+                        visual_tokens=visual_tokens, image_size=data_cfg.image_size))
   n = len(ds)
   n_batches = -(-n // batch)
   filler = None
@@ -279,5 +345,5 @@ def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
           filler = dict(ds[0], loss_mask=np.zeros(seq_len, np.int32))
         rows.append(filler)
     assert len(rows) == local
-    out.append({k: np.stack([r[k] for r in rows]) for k in FIELDS})
+    out.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
   return out

@@ -290,6 +290,12 @@ def make_source(data_cfg, split: str):
     size = data_cfg.num_train_examples if train else data_cfg.num_eval_examples
     # Content seeds are fixed per split: runs with different seeds see the same sets.
     return GeneratedTask(data_cfg.task, size, seed=0 if train else 1, split=split) if size > 0 else None
+  if data_cfg.source == "shapes":
+    from mmjax.data import shapes
+    size = data_cfg.num_train_examples if train else data_cfg.num_eval_examples
+    cfg = shapes.ShapesConfig(image_size=data_cfg.image_size, max_objects=data_cfg.max_objects,
+                              video_frames=data_cfg.video_frames)
+    return shapes.ShapesSource(data_cfg.task, size, seed=0 if train else 1, split=split, cfg=cfg) if size > 0 else None
   if data_cfg.source in ("jsonl", "arrayrecord"):
     path = data_cfg.train_path if train else data_cfg.eval_path
     if not path:

@@ -46,15 +46,15 @@ def load_tokenizer(spec: str):
 class BuiltinTokenizer:
   """Character-level vocabulary for the generated tasks (see `sources.GeneratedTask`).
 
-  Ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>, 4 <sep>, then digits, lowercase letters, space,
+  Ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>, 4 <sep>, 5 <image> (visual placeholder), then digits, lowercase letters, space,
   punctuation and newline. Characters outside the vocabulary encode to <unk>.
   """
 
-  SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<sep>")
+  SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<sep>", "<image>")
   CHARS = string.digits + string.ascii_lowercase + " =+-:,.>|?!'()\n"
 
   def __init__(self):
-    self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.sep_id = range(len(self.SPECIALS))
+    self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.sep_id, self.image_id = range(len(self.SPECIALS))
     self._to_id = {c: i + len(self.SPECIALS) for i, c in enumerate(self.CHARS)}
     self._to_char = {i: c for c, i in self._to_id.items()}
     self.vocab_size = len(self.SPECIALS) + len(self.CHARS)
@@ -134,6 +134,8 @@ class HFTokenizer:
     pad = self._id(self.special_tokens["pad_token"])
     self.pad_id = self.eos_id if pad is None else pad  # padding is masked out, any id works
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    # Placeholder for visual tokens in VLM inputs (LLaVA convention); None if the vocabulary has none.
+    self.image_id = self._id(cfg.get("image_token") if isinstance(cfg.get("image_token"), str) else "<image>")
     self.chat_template = self._read_chat_template(cfg)
     self._template = None
 
