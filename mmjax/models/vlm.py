@@ -1,0 +1,239 @@
+"""Vision-language model: a ViT tower, a projector and a LLaMA-style decoder (LLaVA layout).
+
+Variables: `params` and, optionally, `lora`, with three top-level parts so that trainable
+and LoRA target regexes pick each on its own (`vision/.*`, `projector/.*`, `llm/.*`):
+
+  vision/...                       a `mmjax.models.vit.ViT`
+  projector/{linear_1, linear_2?}  vision width -> LM width ('linear' or 'mlp2' with GELU;
+                                   names as HF LLaVA's `multi_modal_projector`)
+  projector/temporal_embedding     [max_frames, D_vision] learned per-frame embedding, zero-init
+                                   so a tower+projector trained on images reads frames unchanged
+  llm/...                          a `mmjax.models.llama.Llama`
+
+Media enter the token sequence at placeholders: a row holds exactly
+`num_visual_tokens(cfg, kind)` copies of `image_token_id` per image or video. Within a row,
+placeholders are filled in order: the row's images first (in order), then its videos. Rows
+without media hold no placeholders (the tower still runs on whatever fills their media slot;
+fixed shapes, nothing is spliced). Splicing is a cumulative-sum gather (`splice`), so shapes
+are static and it jits once.
+
+Shapes: images [B, H, W, C] or [B, M, H, W, C] (M images per row); frames [B, T, H, W, C] or
+[B, M, T, H, W, C] (M videos of T frames per row), T <= max_frames and divisible by
+`temporal_pool`. A video contributes (T / temporal_pool) * tokens-per-frame tokens, in frame-major
+order; each group of `temporal_pool` consecutive frames is averaged after the temporal embedding
+is added.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mmjax.models import layers
+from mmjax.models.llama import Llama, LlamaConfig
+from mmjax.models.vit import ViT, ViTConfig, _hw
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+  """Model config of the VLM (not the run config)."""
+  vision: ViTConfig = dataclasses.field(default_factory=ViTConfig)
+  llm: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+  projector: str = "mlp2"  # 'linear' or 'mlp2' (linear_1, GELU, linear_2)
+  projector_hidden: int | None = None  # width of mlp2's hidden layer; None = llm.d_model
+  image_token_id: int = 255  # placeholder token; must be < llm.vocab_size
+  max_frames: int = 8  # rows of the temporal embedding; 0 = no video input
+  temporal_pool: int = 1  # average frames over time in groups of this many
+  feature: str = "patches"  # 'patches' (tokens without the class token), 'all' (with it), 'pooled' (1 per frame)
+  feature_layer: int | None = None  # None: the tower's `tokens`; an int indexes its hidden states like
+  #                                   HF `vision_feature_layer` (0 = embeddings, -1 = last block, -2 = LLaVA)
+
+  def __post_init__(self):
+    if self.projector not in ("linear", "mlp2"):
+      raise ValueError(f"vlm.projector={self.projector!r} is not one of ('linear', 'mlp2')")
+    if self.feature not in ("patches", "all", "pooled"):
+      raise ValueError(f"vlm.feature={self.feature!r} is not one of ('patches', 'all', 'pooled')")
+    if self.feature == "pooled" and (self.vision.pool == "none" or self.feature_layer is not None):
+      raise ValueError("vlm.feature='pooled' needs vision.pool != 'none' and feature_layer=None")
+    if not 0 <= self.image_token_id < self.llm.vocab_size:
+      raise ValueError(f"vlm.image_token_id={self.image_token_id} is outside the vocabulary "
+                       f"[0, {self.llm.vocab_size})")
+    if self.temporal_pool < 1 or (self.max_frames and self.max_frames % self.temporal_pool):
+      raise ValueError(f"vlm.temporal_pool={self.temporal_pool} must be >= 1 and divide "
+                       f"max_frames={self.max_frames}")
+    if self.feature_layer is not None and not -(self.vision.n_layers + 1) <= self.feature_layer <= self.vision.n_layers:
+      raise ValueError(f"vlm.feature_layer={self.feature_layer} is out of range for "
+                       f"{self.vision.n_layers} vision layers")
+
+  @classmethod
+  def from_dict(cls, d) -> "VLMConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in dict(d).items() if k in fields}
+    if not isinstance(d.get("vision", ViTConfig()), ViTConfig):
+      d["vision"] = ViTConfig.from_dict(d["vision"])
+    if not isinstance(d.get("llm", LlamaConfig()), LlamaConfig):
+      d["llm"] = LlamaConfig.from_dict(d["llm"])
+    return cls(**d)
+
+
+def tokens_per_frame(cfg: VLMConfig, image_size: int | tuple[int, int] | None = None) -> int:
+  """Visual tokens one image (or one video frame, before temporal pooling) contributes."""
+  if cfg.feature == "pooled":
+    return 1
+  n = cfg.vision.num_patches(image_size)
+  return n + int(cfg.feature == "all" and cfg.vision.class_token)
+
+
+def num_visual_tokens(cfg: VLMConfig, kind: str = "image", n_frames: int | None = None,
+                      image_size: int | tuple[int, int] | None = None) -> int:
+  """Placeholders one image (`kind='image'`) or one video of `n_frames` frames (default
+  `max_frames`; `kind='video'`) takes in the token sequence, for images of `image_size`
+  (default the tower's)."""
+  per = tokens_per_frame(cfg, image_size)
+  if kind == "image":
+    return per
+  if kind != "video":
+    raise ValueError(f"kind={kind!r} is not 'image' or 'video'")
+  t = cfg.max_frames if n_frames is None else n_frames
+  return (t // cfg.temporal_pool) * per
+
+
+def splice(x: jax.Array, tokens: jax.Array, visual: jax.Array, token_id: int) -> jax.Array:
+  """Puts visual embeddings at placeholder positions.
+
+  x: [B, T, D] token embeddings; tokens: [B, T]; visual: [B, M, D]. The k-th placeholder
+  (tokens == token_id) of row b gets visual[b, k]; other positions keep x. Placeholders beyond
+  M reuse the last row of `visual` (a data error the pipeline must not produce).
+  """
+  is_media = tokens == token_id
+  idx = jnp.clip(jnp.cumsum(is_media, axis=1) - 1, 0, visual.shape[1] - 1)
+  gathered = jnp.take_along_axis(visual, idx[..., None], axis=1)  # [B, T, D]
+  return jnp.where(is_media[..., None], gathered.astype(x.dtype), x)
+
+
+class Projector(nn.Module):
+  """Vision features [..., D_vision] -> LM embeddings [..., D]; holds the temporal embedding."""
+  cfg: VLMConfig
+
+  def setup(self):
+    c, lc = self.cfg, self.cfg.llm
+    if c.max_frames:
+      self.temporal_embedding = self.param(
+          "temporal_embedding", nn.with_logical_partitioning(nn.initializers.zeros, ("frames", "embed")),
+          (c.max_frames, c.vision.d_model), lc.weight_dtype)
+    if c.projector == "mlp2":
+      self.linear_1 = lc.dense(c.projector_hidden or lc.d_model, ("embed", "mlp"), "linear_1", use_bias=True)
+      self.linear_2 = lc.dense(lc.d_model, ("mlp", "embed"), "linear_2", use_bias=True)
+    else:
+      self.linear_1 = lc.dense(lc.d_model, ("embed", "mlp"), "linear_1", use_bias=True)
+
+  def __call__(self, x, deterministic=True):
+    h = self.linear_1(x, deterministic)
+    if self.cfg.projector == "mlp2":
+      h = self.linear_2(jax.nn.gelu(h, approximate=False), deterministic)
+    return h
+
+  def add_time(self, x):
+    """x: [N, T, P, D_vision] per-frame features -> x + temporal_embedding[t]."""
+    t = x.shape[1]
+    return x + self.temporal_embedding[:t].astype(x.dtype)[None, :, None, :]
+
+
+class VLM(nn.Module):
+  """Tower + projector + decoder. `__call__` returns logits [B, T, V] (float32).
+
+  The decoder interface of `Llama` (`embed_tokens`, `hidden`, `logits`) is passed through, and
+  `embed(tokens, images, frames)` gives the spliced input embeddings, so a sampler written for
+  `Llama` prefills with media by calling `embed` then `hidden`/`logits` with caches.
+  """
+  cfg: VLMConfig
+
+  def setup(self):
+    self.vision = ViT(self.cfg.vision)
+    self.projector = Projector(self.cfg)
+    self.llm = Llama(self.cfg.llm)
+
+  # -- vision side ---------------------------------------------------------------------------
+  def frame_features(self, images, deterministic=True):
+    """[N, H, W, C] -> tower features [N, tokens_per_frame, D_vision] (by `feature`, `feature_layer`)."""
+    c = self.cfg
+    out = self.vision(images, deterministic, return_hidden=c.feature_layer is not None)
+    if c.feature == "pooled":
+      return out["pooled"][:, None]
+    f = out["tokens"] if c.feature_layer is None else out["hidden"][c.feature_layer]
+    if c.feature == "patches" and c.vision.class_token:
+      f = f[:, 1:]
+    return f
+
+  def encode_images(self, images, deterministic=True):
+    """[B, (M,) H, W, C] -> projected [B, M * tokens_per_frame, D]."""
+    if images.ndim == 4:
+      images = images[:, None]
+    b, m = images.shape[:2]
+    f = self.frame_features(images.reshape(b * m, *images.shape[2:]), deterministic)
+    return self.projector(f, deterministic).reshape(b, -1, self.cfg.llm.d_model)
+
+  def encode_frames(self, frames, deterministic=True):
+    """[B, (M,) T, H, W, C] -> projected [B, M * (T / temporal_pool) * tokens_per_frame, D]."""
+    c = self.cfg
+    if frames.ndim == 5:
+      frames = frames[:, None]
+    b, m, t = frames.shape[:3]
+    if not c.max_frames or t > c.max_frames or t % c.temporal_pool:
+      raise ValueError(f"frames have T={t}; need T <= max_frames={c.max_frames} and divisible by "
+                       f"temporal_pool={c.temporal_pool}")
+    f = self.frame_features(frames.reshape(b * m * t, *frames.shape[3:]), deterministic)
+    f = self.projector.add_time(f.reshape(b * m, t, *f.shape[1:]))  # [BM, T, P, Dv]
+    k = c.temporal_pool
+    if k > 1:
+      f32 = f.astype(jnp.float32).reshape(b * m, t // k, k, *f.shape[2:])
+      f = jnp.mean(f32, axis=2).astype(f.dtype)
+    return self.projector(f, deterministic).reshape(b, -1, c.llm.d_model)
+
+  def visual_embeddings(self, images=None, frames=None, deterministic=True):
+    """Projected media of each row, images then videos: [B, M_total, D], or None."""
+    parts = []
+    if images is not None:
+      parts.append(self.encode_images(images, deterministic))
+    if frames is not None:
+      parts.append(self.encode_frames(frames, deterministic))
+    if not parts:
+      return None
+    return nn.with_logical_constraint(jnp.concatenate(parts, axis=1), layers.ACT_BTD)
+
+  # -- language side -------------------------------------------------------------------------
+  def embed(self, tokens, images=None, frames=None, deterministic=True):
+    """tokens [B, T] (+ media) -> input embeddings [B, T, D] with media at the placeholders."""
+    c = self.cfg
+    x = self.llm.embed_tokens(tokens)
+    if images is None and frames is None and self.is_initializing():
+      # `init(rng, tokens)` alone still creates the tower and projector parameters.
+      v = c.vision
+      self.encode_images(jnp.zeros((1, v.image_size, v.image_size, v.num_channels), c.vision.compute_dtype))
+    visual = self.visual_embeddings(images, frames, deterministic)
+    if visual is None:
+      return x
+    return splice(x, tokens, visual, c.image_token_id)
+
+  def embed_tokens(self, tokens):
+    return self.llm.embed_tokens(tokens)
+
+  def hidden(self, x, positions, mask, deterministic=True, caches=None):
+    return self.llm.hidden(x, positions, mask, deterministic, caches)
+
+  def logits(self, h):
+    return self.llm.logits(h)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, images=None, frames=None, deterministic=True):
+    """tokens, positions, segment_ids: [B, T] int32 (segment 0 = padding); media as in the
+    module docstring -> logits [B, T, V] float32."""
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+    x = self.embed(tokens, images, frames, deterministic)
+    h, _ = self.llm.hidden(x, positions, mask, deterministic)
+    return self.llm.logits(h)
