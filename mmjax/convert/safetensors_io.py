@@ -1,0 +1,179 @@
+"""Safetensors checkpoints read and written one tensor at a time.
+
+Reading goes through the `safetensors` library's numpy API (memory-mapped; `get_slice`
+reads only the requested part of a tensor; bf16 comes back as `ml_dtypes.bfloat16`).
+Writing streams: the header is computed from shapes and dtypes alone, then each tensor
+is materialised on the host, written and dropped, so a host never holds the whole model.
+
+Directory layouts, as Hugging Face writes them:
+  model.safetensors                                   one file
+  model.safetensors.index.json + model-0000k-of-0000n.safetensors   sharded (`weight_map`)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Callable, Iterable, NamedTuple
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+# safetensors dtype codes <-> numpy dtypes.
+_CODES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_DTYPE_CODES = {v: k for k, v in _CODES.items()}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+
+def np_dtype(name: str) -> np.dtype:
+  """'float32' | 'bfloat16' | 'float16' -> numpy dtype (bf16 via ml_dtypes)."""
+  table = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+  if name not in table:
+    raise ValueError(f"dtype={name!r} is not supported; supported: {', '.join(table)}")
+  return np.dtype(table[name])
+
+
+class TensorInfo(NamedTuple):
+  shape: tuple[int, ...]
+  dtype: str  # safetensors code, e.g. 'BF16'
+  file: str
+
+
+class Reader:
+  """All tensors of a (possibly sharded) safetensors checkpoint, opened lazily.
+
+  `read(name, index)` returns a numpy array of `tensor[index]` (index: tuple of slices in
+  the file's layout), reading only that part from disk.
+  """
+
+  def __init__(self, files: Iterable[str]):
+    self._handles = {}
+    self.tensors: dict[str, TensorInfo] = {}
+    for file in files:
+      f = self._open(file)
+      for name in f.keys():
+        s = f.get_slice(name)
+        self.tensors[name] = TensorInfo(tuple(s.get_shape()), s.get_dtype(), file)
+
+  def _open(self, file):
+    if file not in self._handles:
+      self._handles[file] = safe_open(file, framework="numpy")
+    return self._handles[file]
+
+  def read(self, name: str, index: tuple | None = None) -> np.ndarray:
+    info = self.tensors[name]
+    s = self._open(info.file).get_slice(name)
+    if index is None or not info.shape:
+      index = tuple(slice(None) for _ in info.shape)
+    out = s[tuple(index)]
+    return np.asarray(out)
+
+  def close(self):
+    self._handles.clear()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def open_dir(path: str, stem: str = "model") -> Reader:
+  """Reader over `{stem}.safetensors` or `{stem}.safetensors.index.json` in `path`."""
+  single = os.path.join(path, f"{stem}.safetensors")
+  index = os.path.join(path, f"{stem}.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = sorted({os.path.join(path, v) for v in weight_map.values()})
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+      raise ValueError(f"{index} names shard {os.path.basename(missing[0])!r}, which does not exist")
+    return Reader(files)
+  if os.path.exists(single):
+    return Reader([single])
+  others = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(path) else []
+  hint = f" (found {others[0]!r}: convert it to safetensors first; torch files are not read)" if others else ""
+  raise ValueError(f"no {stem}.safetensors or {stem}.safetensors.index.json in {path}{hint}")
+
+
+class Entry(NamedTuple):
+  """One tensor to write: `get()` returns its host array (called once, when it is written)."""
+  name: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  get: Callable[[], np.ndarray]
+
+
+def _nbytes(e: Entry) -> int:
+  return int(math.prod(e.shape)) * np.dtype(e.dtype).itemsize
+
+
+def _write_file(file: str, entries: list[Entry], metadata: dict[str, str]) -> None:
+  header, offset = {}, 0
+  for e in entries:
+    if np.dtype(e.dtype) not in _DTYPE_CODES:
+      raise ValueError(f"tensor {e.name!r}: dtype {e.dtype} cannot be written to safetensors")
+    n = _nbytes(e)
+    header[e.name] = {"dtype": _DTYPE_CODES[np.dtype(e.dtype)], "shape": list(e.shape),
+                      "data_offsets": [offset, offset + n]}
+    offset += n
+  header["__metadata__"] = metadata
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+  tmp = file + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for e in entries:
+      x = np.ascontiguousarray(e.get(), dtype=e.dtype)
+      if x.shape != tuple(e.shape):
+        raise ValueError(f"tensor {e.name!r}: got shape {x.shape}, declared {tuple(e.shape)}")
+      f.write(x.tobytes())
+      del x
+  os.replace(tmp, file)
+
+
+def write_dir(path: str, entries: list[Entry], stem: str = "model", max_shard_bytes: int | None = None,
+              metadata: dict[str, str] | None = None, write: bool = True) -> list[str]:
+  """Writes `{stem}.safetensors`, or shards plus `{stem}.safetensors.index.json` when the
+  tensors exceed `max_shard_bytes`. Returns the files written. With write=False (processes
+  other than 0) every `Entry.get` is still called, in the same order, and nothing is written."""
+  if not write:
+    for e in entries:
+      e.get()
+    return []
+  os.makedirs(path, exist_ok=True)
+  metadata = {"format": "pt", **(metadata or {})}  # transformers requires format 'pt'
+  shards: list[list[Entry]] = [[]]
+  size = 0
+  for e in entries:
+    if max_shard_bytes and shards[-1] and size + _nbytes(e) > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += _nbytes(e)
+  index_file = os.path.join(path, f"{stem}.safetensors.index.json")
+  for stale in (index_file, os.path.join(path, f"{stem}.safetensors")):  # from an earlier export
+    if os.path.exists(stale):
+      os.remove(stale)
+  if len(shards) == 1:
+    file = os.path.join(path, f"{stem}.safetensors")
+    _write_file(file, shards[0], metadata)
+    return [file]
+  files, weight_map = [], {}
+  for k, shard in enumerate(shards):
+    name = f"{stem}-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    _write_file(os.path.join(path, name), shard, metadata)
+    files.append(os.path.join(path, name))
+    weight_map.update({e.name: name for e in shard})
+  index = {"metadata": {"total_size": sum(_nbytes(e) for e in entries)}, "weight_map": weight_map}
+  with open(index_file, "w") as f:
+    json.dump(index, f, indent=2)
+  return files
