@@ -72,6 +72,69 @@ def llama_config(model_cfg, vocab_size: int | None = None, lora_cfg=None) -> lla
   return llama.LlamaConfig.from_dict(d)
 
 
+def vision_config_dict(**overrides) -> ml_collections.ConfigDict:
+  """`config.vision`: the fields of `ViTConfig` (used when `model.name == 'vlm'`)."""
+  from mmjax.models import vit
+  fields = {f.name: f.default for f in dataclasses.fields(vit.ViTConfig)}
+  for name in ("lora_alpha", "lora_rslora", "lora_dropout"):  # these come from config.lora
+    fields.pop(name)
+  fields["layer_scale"] = 0.0  # 0 = off
+  cfg = ml_collections.ConfigDict(fields)
+  cfg.update(overrides)
+  return cfg
+
+
+def vlm_config_dict(**overrides) -> ml_collections.ConfigDict:
+  """`config.vlm`: how the tower feeds the language model (used when `model.name == 'vlm'`)."""
+  cfg = ml_collections.ConfigDict(dict(
+      projector="mlp2",  # 'linear' or 'mlp2' (linear, GELU, linear)
+      projector_hidden=0,  # mlp2 hidden width; 0 = the language model's d_model
+      max_frames=8,  # frames per video the temporal embedding covers
+      temporal_pool=1,  # average frames over time in groups of this many
+      feature="patches",  # 'patches', 'all' (with the class token) or 'pooled' (one token per frame)
+      feature_layer=ml_collections.config_dict.placeholder(int),  # None: the tower's output; int: a hidden state (HF vision_feature_layer)
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def model_from_config(config, tokenizer):
+  """(model module, model config, visual token counts) from the run config.
+
+  `visual_tokens` maps 'image'/'video' to placeholder counts for the data pipeline
+  (None for text-only models).
+  """
+  from mmjax.models.llama import Llama
+  llm = llama_config(config.model, tokenizer.vocab_size, config.lora)
+  if config.model.name == "llama":
+    return Llama(llm), llm, None
+  from mmjax.models import vit, vlm
+  v = config.vision.to_dict()
+  v["layer_scale"] = v["layer_scale"] or None
+  v.update(lora_alpha=config.lora.alpha, lora_rslora=config.lora.rslora, lora_dropout=config.lora.dropout)
+  if getattr(tokenizer, "image_id", None) is None:
+    raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} has no '<image>' token, which a VLM needs")
+  x = config.vlm
+  cfg = vlm.VLMConfig(
+      vision=vit.ViTConfig.from_dict(v), llm=llm, projector=x.projector,
+      projector_hidden=x.projector_hidden or None, image_token_id=tokenizer.image_id,
+      max_frames=x.max_frames, temporal_pool=x.temporal_pool, feature=x.feature, feature_layer=x.feature_layer)
+  size = config.data.image_size
+  visual = {"image": vlm.num_visual_tokens(cfg, "image", image_size=size)}
+  if cfg.max_frames:
+    visual["video"] = vlm.num_visual_tokens(cfg, "video", n_frames=config.data.video_frames, image_size=size)
+  return vlm.VLM(cfg), cfg, visual
+
+
+def media_fields(config) -> tuple[str, ...]:
+  """Batch fields with pixels that the objective feeds the model."""
+  if config.model.name != "vlm":
+    return ()
+  if config.data.source == "shapes" and config.data.task == "video_caption":
+    return ("frames",)
+  return ("images",)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every key a run config may have, with its default. One comment per field."""
   from mmjax.data.pipeline import default_data_config
@@ -80,6 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # init, dropout and data order all derive from it
   c.objective = "sft"  # the loss: 'sft'
   c.model = model_config_dict()
+  c.vision = vision_config_dict()  # the vision tower, when model.name == 'vlm'
+  c.vlm = vlm_config_dict()
   c.init_from_hf = ""  # a local Hugging Face model directory to start from ('' = random init)
   c.lora = ml_collections.ConfigDict(dict(
       targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",  # regex over module paths; '' = none
@@ -121,7 +186,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 CHOICES = {
     "objective": ("sft",),
-    "model.name": ("llama",),
+    "model.name": ("llama", "vlm"),
+    "vlm.projector": ("linear", "mlp2"),
+    "vlm.feature": ("patches", "all", "pooled"),
     "model.dtype": tuple(llama.DTYPES),
     "model.param_dtype": tuple(llama.DTYPES),
     "model.remat": tuple(llama.REMAT_POLICIES),

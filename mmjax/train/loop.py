@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import types
 from typing import Any
 
 import jax
@@ -23,7 +24,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import optax
 
 from mmjax import config_lib, lora as lora_lib, sharding
-from mmjax.models.llama import Llama
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import state as state_lib
@@ -55,16 +55,25 @@ class Run:
   batch_sharding: NamedSharding
   train_step: Any  # jitted (state, batch, rng) -> (state, metrics)
   eval_step: Any  # jitted (state, batch) -> metric sums
-  flops_per_token: float
+  flops_per_token: float  # analytic training FLOPs per token of the language model
+  flops_per_example: float  # analytic training FLOPs of the vision tower per example (0 for text)
   init_from_params: Any  # jitted (rng, params) -> TrainState: given base params, fresh adapter
   merged_params: Any  # jitted state -> params with the adapter merged in
   abstract_params: Any  # params tree of ShapeDtypeStructs with shardings
+  visual_tokens: dict | None  # placeholders per 'image' / 'video' for the data pipeline (VLM)
 
   def global_batch(self, local: dict) -> dict:
     """Places this process's rows of a batch as one global array per field."""
-    fields = self.objective.batch_fields
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k]))
-            for k in fields}
+    out = {}
+    for k in self.objective.batch_fields:
+      x = np.asarray(local[k])
+      sh = self.batch_sharding if x.ndim == 2 else sharding.batch_sharding(self.mesh, self.rules, x.ndim)
+      out[k] = jax.make_array_from_process_local_data(sh, x)
+    return out
+
+  def flops_per_step(self) -> float:
+    c = self.config
+    return self.flops_per_token * c.batch_size * c.seq_len + self.flops_per_example * c.batch_size
 
 
 def _param_logical_axes(model, dummy):
@@ -83,11 +92,15 @@ def init_variables(rng, model, dummy, lora_cfg, params=None) -> dict:
   return variables
 
 
-def build(config, mesh, vocab_size: int) -> Run:
+def build(config, mesh, tokenizer) -> Run:
+  """Everything to step the model of `config` on `mesh`; `tokenizer` gives the vocabulary
+  size (when `model.vocab_size == -1`) and the VLM's image placeholder id. A plain int is
+  taken as the vocabulary size of a text-only model."""
+  if isinstance(tokenizer, int):
+    tokenizer = types.SimpleNamespace(vocab_size=tokenizer, image_id=None)
   rules = sharding.rules_from_config(config.rules)
-  model_cfg = config_lib.llama_config(config.model, vocab_size, config.lora)
-  model = Llama(model_cfg)
-  objective = OBJECTIVES[config.objective](model)
+  model, model_cfg, visual_tokens = config_lib.model_from_config(config, tokenizer)
+  objective = OBJECTIVES[config.objective](model, media=config_lib.media_fields(config))
   dummy = jnp.zeros((1, config.seq_len), jnp.int32)
   param_names, abstract_params = _param_logical_axes(model, dummy)
   config_lib.check_targets(config, abstract_params)
@@ -135,9 +148,10 @@ def build(config, mesh, vocab_size: int) -> Run:
       in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
   eval_step = jax.jit(in_ctx(functools.partial(step_lib.eval_step, objective=objective)),
                       in_shardings=(state_sh, batch_sh), out_shardings=repl)
-  flops = _flops_per_token(model_cfg, config, abstract_params, shapes, patterns)
+  flops, flops_ex = _flops(model_cfg, config, abstract_params, patterns, visual_tokens)
   return Run(config, mesh, rules, model_cfg, model, objective, tx, schedule, init_state, abstract_state,
-             state_sh, batch_sh, train_step, eval_step, flops, init_from_params, merged_params, abstract_params)
+             state_sh, batch_sh, train_step, eval_step, flops, flops_ex, init_from_params, merged_params,
+             abstract_params, visual_tokens)
 
 
 def _in_context(fn, mesh, rules):
@@ -157,18 +171,29 @@ def _split_names(names, patterns):
   return traverse_util.unflatten_dict(train, sep="/"), traverse_util.unflatten_dict(frozen, sep="/")
 
 
-def _flops_per_token(model_cfg, config, abstract_params, shapes, patterns) -> float:
+def _flops(model_cfg, config, abstract_params, patterns, visual_tokens) -> tuple[float, float]:
+  """(per LM token, per example for the vision tower) analytic training FLOPs."""
   flat = traverse_util.flatten_dict(abstract_params, sep="/")
-  kernels = {"params/" + p: x.shape for p, x in flat.items() if p.endswith("kernel") and len(x.shape) == 2}
-  if model_cfg.tie_embeddings:
-    kernels["params/embed/embedding"] = flat["embed/embedding"].shape[::-1]
-  trained = {p for p in kernels if state_lib.is_trainable(p, patterns)}
-  lora_shapes = {}
-  if config.lora.targets:
-    for m in lora_lib.target_paths(abstract_params, config.lora.targets):
-      d_in, d_out = flat[m + "/kernel"].shape
-      lora_shapes[m] = (d_in, d_out, config.lora.rank)
-  return metrics_lib.train_flops_per_token(model_cfg, config.seq_len, kernels, trained, lora_shapes)
+  lm_cfg = getattr(model_cfg, "llm", model_cfg)
+  lora_targets = set(lora_lib.target_paths(abstract_params, config.lora.targets)) if config.lora.targets else set()
+
+  def count(prefix, seq_len, cfg):
+    kernels = {"params/" + p: x.shape for p, x in flat.items()
+               if p.startswith(prefix) and p.endswith("kernel") and len(x.shape) == 2}
+    if getattr(cfg, "tie_embeddings", False):
+      kernels["params/" + prefix + "embed/embedding"] = flat[prefix + "embed/embedding"].shape[::-1]
+    trained = {p for p in kernels if state_lib.is_trainable(p, patterns)}
+    lora_shapes = {m: (*flat[m + "/kernel"].shape, config.lora.rank) for m in lora_targets if m.startswith(prefix)}
+    return metrics_lib.train_flops_per_token(cfg, seq_len, kernels, trained, lora_shapes)
+
+  if visual_tokens is None:
+    return count("", config.seq_len, lm_cfg), 0.0
+  per_token = count("llm/", config.seq_len, lm_cfg)
+  vcfg = model_cfg.vision
+  patches = vcfg.num_patches(config.data.image_size) + int(vcfg.class_token)
+  frames = config.data.video_frames if "frames" in config_lib.media_fields(config) else 1
+  per_patch = count("vision/", 2 * patches, vcfg)  # x2: bidirectional attention (count() halves for causal) + count("projector/", 0, dataclasses.replace(vcfg, n_layers=0))
+  return per_token, per_patch * patches * frames
 
 
 def evaluate(run: Run, state, batches) -> dict:
@@ -220,15 +245,15 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
   from mmjax.data import pipeline
 
   os.makedirs(workdir, exist_ok=True)
-  run = build(config, mesh, tokenizer.vocab_size)
+  run = build(config, mesh, tokenizer)
   pidx, pcount = jax.process_index(), jax.process_count()
 
   train_iter = pipeline.make_train_iterator(
       config.data, global_batch=config.batch_size, seq_len=config.seq_len, seed=config.seed,
-      process_index=pidx, process_count=pcount, tokenizer=tokenizer)
+      process_index=pidx, process_count=pcount, tokenizer=tokenizer, visual_tokens=run.visual_tokens)
   eval_batches = pipeline.make_eval_batches(
-      config.data, batch=config.eval_batch_size,
-      seq_len=config.seq_len, tokenizer=tokenizer, process_index=pidx, process_count=pcount)
+      config.data, batch=config.eval_batch_size, seq_len=config.seq_len, tokenizer=tokenizer,
+      process_index=pidx, process_count=pcount, visual_tokens=run.visual_tokens)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir, config.steps)
@@ -305,8 +330,7 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
 
 def _step_metrics(run: Run, m: dict, step: int, dt: float, peak) -> dict:
   n_dev = jax.device_count()
-  padded_tokens = run.config.batch_size * run.config.seq_len
-  tflops = run.flops_per_token * padded_tokens / dt / 1e12 / n_dev
+  tflops = run.flops_per_step() / dt / 1e12 / n_dev
   out = {
       "loss": float(m["loss"]), "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
       "lr": float(run.schedule(step)), "step_time_s": dt,

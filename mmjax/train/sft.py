@@ -19,13 +19,17 @@ BATCH_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 @dataclasses.dataclass(frozen=True)
 class SFT:
   model: nn.Module
+  media: tuple = ()  # pixel fields passed to a VLM: ('images',) or ('frames',)
 
-  batch_fields = BATCH_FIELDS
+  @property
+  def batch_fields(self):
+    return BATCH_FIELDS + tuple(self.media)
 
   def loss(self, variables, batch, rng, train: bool):
     logits = self.model.apply(
         variables, batch["tokens"], batch["positions"], batch["segment_ids"],
-        deterministic=not train, rngs={"dropout": rng} if train else {})
+        deterministic=not train, rngs={"dropout": rng} if train else {},
+        **{k: batch[k] for k in self.media})
     loss_sum, count = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
     correct, _ = losses.token_accuracy(logits, batch["targets"], batch["loss_mask"])
     return loss_sum, count, {"loss": loss_sum, "accuracy": correct}

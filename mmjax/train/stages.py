@@ -76,12 +76,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
       base = "hf"
     done = os.path.join(sdir, "done.json")
     if os.path.exists(done):  # finished before a restart: load its result, don't retrain
-      run = loop.build(cfg, mesh, tokenizer.vocab_size)
+      run = loop.build(cfg, mesh, tokenizer)
       finals[name] = _restore_params(os.path.join(sdir, "final"), run)
       results[name] = json.load(open(done))
       prev = name
       continue
-    run = loop.build(cfg, mesh, tokenizer.vocab_size)
+    run = loop.build(cfg, mesh, tokenizer)
     base_params = _import_hf(cfg, run) if base == "hf" else base
     summary = loop.train_stage(cfg, sdir, mesh, tokenizer, base_params,
                                label=name if config.stage_order else "")
