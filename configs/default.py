@@ -26,4 +26,5 @@ def get_config(arg=None):
   c.eval_batch_size = 64
   c.log_every = 20
   c.checkpoint_every = 200
+  c.sample_eval.update(num_examples=64, max_new_tokens=12, show=3)
   return c

@@ -173,6 +173,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 50  # also saved at the end and on SIGTERM/SIGINT
   c.keep_checkpoints = 2
+  c.sample_eval = ml_collections.ConfigDict(dict(
+      num_examples=0,  # held-out prompts answered greedily before and after each stage; 0 = off
+      max_new_tokens=64,
+      show=3,  # print this many answers next to the truth after training
+  ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one axis may be -1
   c.rules = tuple((k, v) for k, v in DEFAULT_RULES)  # logical axis -> mesh axes
   c.peak_tflops_per_device = 0.0  # for MFU; 0 = look up the device in the peak table

@@ -52,9 +52,16 @@ def trace_count() -> int:
   return sum(_TRACES.values())
 
 
-def _forward(module, tokens, positions, mask, caches):
-  """tokens, positions: [B, T]; mask: [B, 1, T, S] -> logits of the last position [B, V], caches."""
-  h, caches = module.hidden(module.embed_tokens(tokens), positions, mask, True, caches)
+def _lm_cfg(cfg):
+  """The decoder's config (a VLM's `llm`, or the config itself)."""
+  return getattr(cfg, "llm", cfg)
+
+
+def _forward(module, tokens, positions, mask, caches, media=None):
+  """tokens, positions: [B, T]; mask: [B, 1, T, S] -> logits of the last position [B, V], caches.
+  `media` (prefill of a VLM only): {'images': ...} or {'frames': ...} spliced at placeholders."""
+  x = module.embed(tokens, **media) if media else module.embed_tokens(tokens)
+  h, caches = module.hidden(x, positions, mask, True, caches)
   return module.logits(h[:, -1:])[:, 0], caches
 
 
@@ -77,11 +84,11 @@ def _choose(logits, key, temperature, top_k, top_p, *, sample: bool, filtered: b
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _generate(variables, tokens, lengths, stop, temperature, top_k, top_p, rng, *, model, max_new: int,
+def _generate(variables, tokens, lengths, stop, temperature, top_k, top_p, rng, media, *, model, max_new: int,
               sample: bool, filtered: bool, pad_id: int, mesh, rules):
   """tokens: [B, P] right-padded; lengths: [B] -> (generated [B, max_new], counts [B])."""
   _TRACES[id(model)] += 1
-  c = model.cfg
+  c = _lm_cfg(model.cfg)
   b, p = tokens.shape
   s = p + max_new - 1
   dtype = c.compute_dtype
@@ -107,7 +114,7 @@ def _generate(variables, tokens, lengths, stop, temperature, top_k, top_p, rng, 
 
   q_pos = kv_pos[:, :p]
   mask = layers.attention_mask(is_real.astype(jnp.int32), kv_seg, True, q_pos, kv_pos)
-  logits, caches = model.apply(variables, left, jnp.maximum(q_pos, 0), mask, caches, method=_forward)
+  logits, caches = model.apply(variables, left, jnp.maximum(q_pos, 0), mask, caches, media, method=_forward)
   first = choose(logits, jax.random.fold_in(rng, 0))
   done = jnp.isin(first, stop)
   out = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(first)
@@ -148,7 +155,12 @@ def _in_context(fn, mesh, rules):
 
 
 def _jitted(model, max_new, sample, filtered, pad_id, mesh, rules):
-  cfg = dataclasses.replace(model.cfg, remat="none", attention="xla", lora_dropout=0.0)
+  fast = dict(remat="none", attention="xla", lora_dropout=0.0)
+  if hasattr(model.cfg, "llm"):  # a VLM: decode settings for both towers
+    cfg = dataclasses.replace(model.cfg, llm=dataclasses.replace(model.cfg.llm, **fast),
+                              vision=dataclasses.replace(model.cfg.vision, **fast))
+  else:
+    cfg = dataclasses.replace(model.cfg, **fast)
   cfg_key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
   key = (type(model), cfg_key, max_new, sample, filtered, pad_id, mesh, rules)
   if key not in _JITTED:
@@ -173,11 +185,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int |
 
 def generate(model, variables: dict, prompts, *, lengths=None, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (), rng: jax.Array | None = None,
-             pad_id: int = 0, prompt_len: int | None = None, mesh=None, rules=sharding.DEFAULT_RULES
-             ) -> tuple[jax.Array, jax.Array]:
+             pad_id: int = 0, prompt_len: int | None = None, mesh=None, rules=sharding.DEFAULT_RULES,
+             images=None, frames=None) -> tuple[jax.Array, jax.Array]:
   """Samples continuations of a batch of prompts.
 
-  model: a `Llama` (its config is used; remat and attention are overridden for decoding).
+  model: a `Llama` or a `VLM` (its config is used; remat and attention are overridden for
+    decoding). For a VLM, `images` [B, H, W, C] or `frames` [B, T, H, W, C] fill the
+    prompts' image placeholders.
   variables: {'params': ..., optionally 'lora': ...}.
   prompts: list of token-id lists, or a right-padded [B, P] int array with `lengths` [B]
     (every prompt needs at least one token). `prompt_len` pads lists to a fixed P so that
@@ -194,8 +208,9 @@ def generate(model, variables: dict, prompts, *, lengths=None, max_new_tokens: i
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if temperature < 0:
     raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-  if not 0 <= top_k <= model.cfg.vocab_size:
-    raise ValueError(f"top_k={top_k} must be in [0, vocab_size={model.cfg.vocab_size}] (0 = off)")
+  vocab = _lm_cfg(model.cfg).vocab_size
+  if not 0 <= top_k <= vocab:
+    raise ValueError(f"top_k={top_k} must be in [0, vocab_size={vocab}] (0 = off)")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
   sample = temperature > 0
@@ -215,6 +230,7 @@ def generate(model, variables: dict, prompts, *, lengths=None, max_new_tokens: i
   if lengths.min() < 1 or lengths.max() > tokens.shape[1]:
     raise ValueError(f"prompt lengths must be in [1, {tokens.shape[1]}]; got {lengths.tolist()}")
   n = tokens.shape[0]
+  media = {k: np.asarray(v, np.float32) for k, v in (("images", images), ("frames", frames)) if v is not None}
   if mesh is not None:
     # Dummy rows (one pad token) make the batch divide the data-parallel axes.
     extra = -n % sharding.data_parallel_size(mesh, rules)
@@ -223,10 +239,12 @@ def generate(model, variables: dict, prompts, *, lengths=None, max_new_tokens: i
     row = sharding.batch_sharding(mesh, rules, 1)
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, rules, 2))
     lengths = jax.device_put(lengths, row)
+    media = {k: jax.device_put(np.concatenate([v, np.repeat(v[:1], extra, 0)]),
+                               sharding.batch_sharding(mesh, rules, v.ndim)) for k, v in media.items()}
   stop = list(stop_tokens)
   stop += [-1] * (-len(stop) % _STOP_BUCKET)  # -1 never matches; buckets keep the shape fixed
   filtered = sample and (top_k > 0 or top_p < 1.0)
   fn = _jitted(model, int(max_new_tokens), sample, filtered, int(pad_id), mesh, sharding.rules_from_config(rules))
   out, counts = fn(variables, tokens, lengths, jnp.asarray(stop, jnp.int32), jnp.float32(temperature),
-                   jnp.int32(top_k), jnp.float32(top_p), rng)
+                   jnp.int32(top_k), jnp.float32(top_p), rng, media)
   return out[:n], counts[:n]

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import optax
 
 from mmjax import config_lib, lora as lora_lib, sharding
+from mmjax.evals import generation
 from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import state as state_lib
@@ -258,6 +259,19 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir, config.steps)
   prefix = f"[{label}] " if label else ""
+  gen_records = generation.eval_records(config.data, config.sample_eval.num_examples)
+
+  def full_eval(state):
+    """Loss metrics on the eval batches, plus generation metrics when sample_eval asks."""
+    out = evaluate(run, state, eval_batches)
+    answers = []
+    if gen_records:
+      gen, answers = generation.evaluate_generation(
+          run, state.variables, tokenizer, gen_records, max_new_tokens=config.sample_eval.max_new_tokens,
+          batch=config.eval_batch_size)
+      out.update(gen)
+    return out, answers
+
   with jax.set_mesh(mesh):
     rng = jax.random.key(config.seed)
     state = run.init_state(rng) if base_params is None else run.init_from_params(rng, base_params)
@@ -272,7 +286,7 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
                 f"device(s), {pcount} process(es); trainable {n_train:,} of {n_total:,} parameters")
     summary = {"start_step": start, "preempted": False}
     if start == 0 or config.eval_every:
-      summary["eval_before"] = evaluate(run, state, eval_batches)
+      summary["eval_before"], _ = full_eval(state)
       writer.write(start, summary["eval_before"], "eval")
       writer.line(f"{prefix}eval at step {start}: " + _fmt(summary["eval_before"]))
 
@@ -314,12 +328,15 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
       else:
         ckpt.save(state, train_iter, force=True)
     if not summary["preempted"]:
-      summary["eval_after"] = evaluate(run, state, eval_batches)
+      summary["eval_after"], answers = full_eval(state)
       writer.write(int(jax.device_get(state.step)), summary["eval_after"], "eval")
       writer.line(f"{prefix}eval at step {int(jax.device_get(state.step))}: " + _fmt(summary["eval_after"]))
       if "eval_before" in summary:
         writer.line(_before_after(summary["eval_before"], summary["eval_after"], start,
                                   int(jax.device_get(state.step))))
+      for r, a in list(zip(gen_records, answers))[:config.sample_eval.show]:
+        writer.line(f"{prefix}prompt: {r['prompt']!r}\n  truth: {r['response']!r}\n  model: {a!r}")
+      summary["answers"] = answers
     summary["train"] = last
     summary["state"] = state
     summary["run"] = run
@@ -341,8 +358,9 @@ def _step_metrics(run: Run, m: dict, step: int, dt: float, peak) -> dict:
 
 
 def _before_after(before: dict, after: dict, start: int, end: int) -> str:
-  rows = [f"{'eval metric':<12} {'step ' + str(start):>10} {'step ' + str(end):>10}"]
-  rows += [f"{k:<12} {before[k]:>10.4f} {after[k]:>10.4f}" for k in after if k in before]
+  w = max([len("eval metric")] + [len(k) for k in after])
+  rows = [f"{'eval metric':<{w}} {'step ' + str(start):>10} {'step ' + str(end):>10}"]
+  rows += [f"{k:<{w}} {before[k]:>10.4f} {after[k]:>10.4f}" for k in after if k in before]
   return "\n".join(rows)
 
 

@@ -1,0 +1,68 @@
+"""Held-out evaluation by generation: greedy answers from the model, scored against the truth.
+
+Every record scores `exact_match` (the decoded answer equals the reference response);
+shapes caption records (with atomic `facts`) also score missing, hallucination and
+repetition rates through `mmjax.evals.captions`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mmjax import sample
+from mmjax.data import pipeline, sources
+from mmjax.evals import captions
+
+
+def eval_records(data_cfg, n: int) -> list[dict]:
+  """The first `n` records of the eval split (fewer if it is smaller)."""
+  source = sources.make_source(data_cfg, "eval")
+  if source is None:
+    return []
+  return [source[i] for i in range(min(n, len(source)))]
+
+
+def _answer(tokenizer, ids) -> str:
+  ids = list(np.asarray(ids))
+  if tokenizer.eos_id in ids:
+    ids = ids[: ids.index(tokenizer.eos_id)]
+  return tokenizer.decode(ids)
+
+
+def generate_answers(run, variables, records, tokenizer, *, max_new_tokens: int, batch: int) -> list[str]:
+  """Greedy answers (text up to eos) to each record's prompt, images/frames included."""
+  out = []
+  image_size = run.config.data.image_size
+  for start in range(0, len(records), batch):
+    real = records[start:start + batch]
+    chunk = real + [real[-1]] * (batch - len(real))  # fixed shapes: one compiled sampler
+    prompts = [pipeline.prompt_ids(r, tokenizer, run.visual_tokens, run.config.seq_len) for r in chunk]
+    media = {}
+    kind = pipeline.media_kind(chunk[0])
+    if kind == "image":
+      media["images"] = np.stack([pipeline.load_image(r["image"], image_size) for r in chunk])
+    elif kind == "video":
+      media["frames"] = np.stack([np.stack([pipeline.load_image(f, image_size) for f in r["frames"]])
+                                  for r in chunk])
+    tokens, _ = sample.generate(run.model, variables, prompts, max_new_tokens=max_new_tokens,
+                                stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
+                                prompt_len=run.config.seq_len, **media)
+    out += [_answer(tokenizer, t) for t in np.asarray(tokens)[:len(real)]]
+  return out
+
+
+def score(records, answers) -> dict:
+  """exact_match over all records, plus aggregated caption metrics for caption records."""
+  exact = [float(a.strip() == r["response"].strip()) for r, a in zip(records, answers)]
+  out = {"gen_exact_match": float(np.mean(exact)) if exact else 0.0}
+  caps = [captions.caption_metrics(a, r["facts"], "video" if r.get("kind") == "video_caption" else "image")
+          for r, a in zip(records, answers) if r.get("kind") in ("image_caption", "video_caption")]
+  if caps:
+    agg = captions.aggregate(caps)
+    out.update(missing=agg["missing"], hallucination=agg["hallucination"], repetition=agg["repetition"])
+  return out
+
+
+def evaluate_generation(run, variables, tokenizer, records, *, max_new_tokens: int, batch: int):
+  """(metrics, answers) for `records`."""
+  answers = generate_answers(run, variables, records, tokenizer, max_new_tokens=max_new_tokens, batch=batch)
+  return score(records, answers), answers
