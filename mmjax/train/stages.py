@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mmjax.train import loop
+from mmjax.train import loop, plots
 
 
 def stage_config(config, name: str) -> ml_collections.ConfigDict:
@@ -96,9 +96,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with open(done, "w") as f:
           json.dump({k: summary.get(k) for k in ("eval_before", "eval_after")}, f)
     prev = name
-  if config.stage_order and jax.process_index() == 0 and not any(
-      isinstance(r, dict) and r.get("preempted") for r in results.values()):
-    print(_table(results), flush=True)
+  finished = not any(isinstance(r, dict) and r.get("preempted") for r in results.values())
+  if finished and jax.process_index() == 0:
+    stage_dirs = [(n, os.path.join(workdir, "stages", n) if config.stage_order else workdir) for n in results]
+    png = plots.loss_curves(workdir, stage_dirs)
+    if config.stage_order:
+      print(_table(results), flush=True)
+      with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({n: {k: r.get(k) for k in ("eval_before", "eval_after")} for n, r in results.items()}, f, indent=1)
+    print(f"loss curves: {png}", flush=True)
   return results
 
 
@@ -118,8 +124,9 @@ def _table(results: dict) -> str:
     for k in (r.get("eval_after") or {}):
       if k not in keys:
         keys.append(k)
-  rows = [f"{'stage':<16}" + "".join(f"{k:>14}" for k in keys)]
+  w = max([14] + [len(k) + 2 for k in keys])
+  rows = [f"{'stage':<16}" + "".join(f"{k:>{w}}" for k in keys)]
   for name, r in results.items():
     ev = r.get("eval_after") or {}
-    rows.append(f"{name:<16}" + "".join(f"{ev.get(k, float('nan')):>14.4f}" for k in keys))
+    rows.append(f"{name:<16}" + "".join(f"{ev.get(k, float('nan')):>{w}.4f}" for k in keys))
   return "\n".join(rows)
