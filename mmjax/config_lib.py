@@ -98,6 +98,21 @@ def vlm_config_dict(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def hf_llama_config(config):
+  """The decoder config of `config.init_from_hf`'s config.json; the run config keeps the
+  numerics and memory settings (dtype, param_dtype, remat, attention) and the LoRA scale."""
+  from mmjax.convert import llama as convert_llama
+  try:
+    hf = convert_llama.read_json(config.init_from_hf, "config.json")
+    cfg = convert_llama.config_from_hf(hf)
+  except ValueError as e:
+    raise ConfigError(f"config.init_from_hf={config.init_from_hf!r}: {e}") from None
+  m = config.model
+  return dataclasses.replace(cfg, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
+                             lora_alpha=config.lora.alpha, lora_rslora=config.lora.rslora,
+                             lora_dropout=config.lora.dropout)
+
+
 def model_from_config(config, tokenizer):
   """(model module, model config, visual token counts) from the run config.
 
@@ -105,7 +120,10 @@ def model_from_config(config, tokenizer):
   (None for text-only models).
   """
   from mmjax.models.llama import Llama
-  llm = llama_config(config.model, tokenizer.vocab_size, config.lora)
+  if config.init_from_hf:
+    llm = hf_llama_config(config)
+  else:
+    llm = llama_config(config.model, tokenizer.vocab_size, config.lora)
   if config.model.name == "llama":
     return Llama(llm), llm, None
   from mmjax.models import vit, vlm
@@ -145,7 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config_dict()
   c.vision = vision_config_dict()  # the vision tower, when model.name == 'vlm'
   c.vlm = vlm_config_dict()
-  c.init_from_hf = ""  # a local Hugging Face model directory to start from ('' = random init)
+  c.init_from_hf = ""  # a local HF LLaMA/Mistral/Qwen2 directory: its config.json replaces the model
+  #                      sizes in config.model (dtype/remat/attention stay) and its weights the init
   c.lora = ml_collections.ConfigDict(dict(
       targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",  # regex over module paths; '' = none
       rank=8,

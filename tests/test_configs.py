@@ -31,8 +31,19 @@ def test_config_validates_and_documents_its_launch_command(path):
   config_lib.check_schema(config, config_lib.base_config())
 
 
-def test_llama3_8b_config_on_8_devices_abstractly():
-  _, config = load(os.path.join(ROOT, "configs", "llama3_8b_lora.py"), "hf=/models/llama3,data=/data/x.jsonl")
+LLAMA3_8B = {  # config.json of Meta-Llama-3.1-8B (no weights are needed for the abstract check)
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "max_position_embeddings": 131072, "attention_bias": False, "mlp_bias": False,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}}
+
+
+def test_llama3_8b_config_on_8_devices_abstractly(tmp_path):
+  import json
+  json.dump(LLAMA3_8B, open(tmp_path / "config.json", "w"))
+  _, config = load(os.path.join(ROOT, "configs", "llama3_8b_lora.py"), f"hf={tmp_path},data=/data/x.jsonl")
   config_lib.validate(config, n_devices=8)
   mesh = sharding.make_mesh(config.mesh, jax.devices())
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}

@@ -24,10 +24,12 @@ def loss_curves(workdir: str, stages: list[tuple[str, str]], out: str = "loss_cu
 
   fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
   offset = 0
+  values = []
   for i, (name, sdir) in enumerate(stages):
     rows = _rows(os.path.join(sdir, "metrics.jsonl"))
     train = [r for r in rows if r["split"] == "train" and r.get("loss") is not None]
     evals = [r for r in rows if r["split"] == "eval" and r.get("loss") is not None]
+    values += [r["loss"] for r in train + evals]
     colour = f"C{i}"
     if train:
       ax.plot([offset + r["step"] for r in train], [r["loss"] for r in train], color=colour, label=f"{name} train")
@@ -40,8 +42,10 @@ def loss_curves(workdir: str, stages: list[tuple[str, str]], out: str = "loss_cu
     offset += last
   ax.set_xlabel("step (stages in order)")
   ax.set_ylabel("loss")
-  ax.set_yscale("log")
-  ax.legend(fontsize=8)
+  if values and min(values) > 0:
+    ax.set_yscale("log")
+  if values:
+    ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   path = os.path.join(workdir, out)
