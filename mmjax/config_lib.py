@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c = ml_collections.ConfigDict()
   c.seed = 0  # init, dropout and data order all derive from it
-  c.objective = "sft"  # the loss: 'sft'
+  c.objective = "sft"  # the loss: 'sft' or 'dpo'
   c.model = model_config_dict()
   c.vision = vision_config_dict()  # the vision tower, when model.name == 'vlm'
   c.vlm = vlm_config_dict()
@@ -205,11 +205,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage_order = ()
   c.stages = ml_collections.ConfigDict()
   c.init_from_stage = ""  # start from this earlier stage's result instead of the previous one
+  c.dpo = dpo_config_dict()  # preference optimisation (objective 'dpo'), see mmjax/train/dpo.py
+  c.distill_from_stage = ""  # rebirth: SFT on this earlier stage's own greedy answers (generated once)
+  c.distill_examples = 256  # train prompts answered for distill_from_stage
   return c
 
 
+def dpo_config_dict() -> ml_collections.ConfigDict:
+  """`config.dpo`: the DPO objective and where its pairs come from."""
+  return ml_collections.ConfigDict(dict(
+      beta=0.1,  # KL strength; rewards are beta * (policy - reference) log-prob
+      loss_type="sigmoid",  # sigmoid | hinge | ipo | robust | bco_pair | apo_zero
+      label_smoothing=0.0,  # sigmoid / robust; robust needs [0, 0.5)
+      gt_weight=0.0,  # weight of the SFT (NLL) term on the ground-truth response (TRL's rpo_alpha)
+      reference="adapter_base",  # 'adapter_base' (the policy without its adapter) or 'precomputed'
+      online=False,  # sample pairs from the stage's starting policy (else data.train_path holds pairs)
+      num_prompts=64,  # online: train prompts sampled per round
+      num_candidates=4,  # online: candidates sampled per prompt
+      temperature=1.0,  # online: sampling temperature
+      top_k=0,  # online: 0 = no top-k filter
+      max_new_tokens=64,  # online: candidate length limit
+      scorer="shapes_caption",  # online: how candidates are scored (lower is better); see dpo.SCORERS
+  ))
+
+
 CHOICES = {
-    "objective": ("sft",),
+    "objective": ("sft", "dpo"),
+    "dpo.loss_type": ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "apo_zero"),
+    "dpo.reference": ("adapter_base", "precomputed"),
     "model.name": ("llama", "vlm"),
     "vlm.projector": ("linear", "mlp2"),
     "vlm.feature": ("patches", "all", "pooled"),
@@ -295,10 +318,9 @@ def validate(config, n_devices: int, process_count: int = 1, abstract_params=Non
   if config.stage_order:
     from mmjax.train.stages import stage_config
     missing = [n for n in config.stage_order if n not in config.stages]
-    extra = [n for n in config.stages if n not in config.stage_order]
-    if missing or extra:
-      raise ConfigError(f"config.stage_order={tuple(config.stage_order)!r} and config.stages "
-                        f"({', '.join(config.stages) or 'none'}) must name the same stages")
+    if missing:  # stages may define more than stage_order runs (e.g. to run a prefix)
+      raise ConfigError(f"config.stage_order names {', '.join(map(repr, missing))}, which config.stages "
+                        f"does not define; defined: {', '.join(config.stages) or 'none'}")
     for name in config.stage_order:
       try:
         stage = stage_config(config, name)
@@ -322,6 +344,8 @@ def _validate_one(config, n_devices, process_count, abstract_params) -> None:
     value = _get(config, path)
     if not value > 0:
       raise ConfigError(f"config.{path}={value!r} must be > 0")
+  if config.objective == "dpo":
+    _validate_dpo(config)
   if not 0.0 <= config.lora.dropout < 1.0:
     raise ConfigError(f"config.lora.dropout={config.lora.dropout!r} must be in [0, 1)")
   m = config.model
@@ -357,6 +381,30 @@ def _validate_one(config, n_devices, process_count, abstract_params) -> None:
     raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the process count {process_count}")
   if abstract_params is not None:
     check_targets(config, abstract_params)
+
+
+def _validate_dpo(config) -> None:
+  d = config.dpo
+  if not d.beta > 0:
+    raise ConfigError(f"config.dpo.beta={d.beta!r} must be > 0")
+  if not 0.0 <= d.label_smoothing < 0.5:
+    raise ConfigError(f"config.dpo.label_smoothing={d.label_smoothing!r} must be in [0, 0.5)")
+  if d.gt_weight < 0:
+    raise ConfigError(f"config.dpo.gt_weight={d.gt_weight!r} must be >= 0")
+  if d.reference == "adapter_base" and not config.lora.targets:
+    raise ConfigError("config.dpo.reference='adapter_base' needs an adapter (config.lora.targets is empty); "
+                      "use reference='precomputed' for full-parameter training")
+  if d.online:
+    for key in ("num_prompts", "num_candidates", "max_new_tokens"):
+      if not d[key] > 0:
+        raise ConfigError(f"config.dpo.{key}={d[key]!r} must be > 0")
+    if d.num_candidates < 2:
+      raise ConfigError(f"config.dpo.num_candidates={d.num_candidates!r} must be >= 2 to form pairs")
+    if not d.temperature > 0:
+      raise ConfigError(f"config.dpo.temperature={d.temperature!r} must be > 0 to sample distinct candidates")
+  elif config.data.source != "jsonl":
+    raise ConfigError(f"config.objective='dpo' with config.dpo.online=False reads pairs from JSONL; "
+                      f"config.data.source={config.data.source!r} must be 'jsonl'")
 
 
 def _check_regex(key, pattern):

@@ -68,3 +68,31 @@ def test_bad_hf_dir_is_a_config_error(tmp_path):
   c = tiny_config(init_from_hf=str(tmp_path))
   with pytest.raises(config_lib.ConfigError, match="config.init_from_hf=.*no config.json"):
     config_lib.model_from_config(c, None)
+
+
+def test_trained_run_exports_to_transformers(hf_model_dir, tmp_path):
+  import subprocess
+  import sys
+  from helpers import ROOT
+  d, _ = hf_model_dir
+  data = tmp_path / "train.jsonl"
+  data.write_text("\n".join(json.dumps({"prompt": "the cat", "response": "sat on the mat"}) for _ in range(8)) + "\n")
+  c = tiny_config(steps=3, init_from_hf=str(d))
+  c.mesh.update(data=1, fsdp=-1)
+  c.optimizer.lr = 0.05  # large, so the adapter moves the logits visibly
+  c.data.update(source="jsonl", train_path=str(data), tokenizer=str(d))
+  results = stages.train_and_evaluate(c, str(tmp_path / "run"))
+  run, state = results["main"]["run"], results["main"]["state"]
+  out = tmp_path / "hf_out"
+  r = subprocess.run([sys.executable, "tools/convert_hf.py", "export", "--ckpt", str(tmp_path / "run" / "model"),
+                      "--out", str(out), "--merge"], cwd=ROOT, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  ids = [1, 7, 3, 11]
+  ours = np.asarray(run.model.apply(state.variables, np.asarray([ids], np.int32)))
+  base = np.asarray(run.model.apply({"params": state.variables["params"]}, np.asarray([ids], np.int32)))
+  assert np.abs(ours - base).max() > 1e-3  # the adapter was trained and matters
+  with torch.no_grad():
+    ref = model.eval()(torch.tensor([ids])).logits.numpy()
+  np.testing.assert_allclose(ours, ref, atol=1e-4)

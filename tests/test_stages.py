@@ -39,8 +39,8 @@ def test_stage_validation_names_the_stage():
   with pytest.raises(config_lib.ConfigError, match="stage 'pretrain': config.optimizer.schedule='bogus'"):
     config_lib.validate(c, n_devices=8)
   c = _recipe()
-  c.stage_order = ("pretrain",)
-  with pytest.raises(config_lib.ConfigError, match="must name the same stages"):
+  c.stage_order = ("pretrain", "nope")
+  with pytest.raises(config_lib.ConfigError, match="names 'nope', which config.stages does not define"):
     config_lib.validate(c, n_devices=8)
 
 

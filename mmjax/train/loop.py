@@ -203,6 +203,8 @@ def evaluate(run: Run, state, batches) -> dict:
   for local in batches:
     sums = run.eval_step(state, run.global_batch(local))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:  # no eval set
+    return {}
   totals = jax.device_get(totals)
   norm = max(float(totals.pop("normaliser")), 1.0)
   return {k: float(v) / norm for k, v in totals.items()}

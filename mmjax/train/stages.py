@@ -97,6 +97,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           json.dump({k: summary.get(k) for k in ("eval_before", "eval_after")}, f)
     prev = name
   finished = not any(isinstance(r, dict) and r.get("preempted") for r in results.values())
+  last = results.get(names[-1]) if finished else None
+  if last is not None and "state" in last:
+    _write_model_dir(os.path.join(workdir, "model"), cfg, last["run"], last["state"])
   if finished and jax.process_index() == 0:
     stage_dirs = [(n, os.path.join(workdir, "stages", n) if config.stage_order else workdir) for n in results]
     png = plots.loss_curves(workdir, stage_dirs)
@@ -106,6 +109,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
         json.dump({n: {k: r.get(k) for k in ("eval_before", "eval_after")} for n, r in results.items()}, f, indent=1)
     print(f"loss curves: {png}", flush=True)
   return results
+
+
+def _write_model_dir(path, cfg, run, state):
+  """The final model as an mmjax model directory (base params + adapter) that
+  `tools/convert_hf.py export --ckpt PATH` turns into a Hugging Face directory."""
+  from mmjax.models.llama import LlamaConfig
+  if not isinstance(run.model_cfg, LlamaConfig) or os.path.exists(os.path.join(path, "params")):
+    return  # VLMs have no HF export yet; a finished run re-started keeps its first export
+  from mmjax.convert import model_dir
+  variables = state.variables
+  arch = None
+  if cfg.init_from_hf:
+    from mmjax.convert import llama as convert_llama
+    arch = convert_llama.architecture_of(convert_llama.read_json(cfg.init_from_hf, "config.json"))
+  model_dir.save(path, run.model_cfg, variables["params"], variables.get("lora"), hf_architecture=arch,
+                 hf_dir=cfg.init_from_hf or None)
 
 
 def _save_params(path, params):
