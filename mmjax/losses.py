@@ -92,3 +92,55 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
   chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
   rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
   return losses, chosen_rewards, rejected_rewards
+
+
+def _masked_nll_sum(logits, targets, mask):
+  """(sum over mask of logsumexp - picked, logsumexp [B, T], picked [B, T], max [B, T])."""
+  logits = logits.astype(jnp.float32)
+  mx = jnp.max(logits, axis=-1)
+  lse = mx + jnp.log(jnp.sum(jnp.exp(logits - mx[..., None]), axis=-1))
+  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.sum((lse - picked) * mask), lse, picked, mx
+
+
+@jax.custom_vjp
+def _fused_nll(logits, targets, mask):
+  return _masked_nll_sum(logits, targets, mask)[0]
+
+
+def _fused_nll_fwd(logits, targets, mask):
+  total, lse, _, _ = _masked_nll_sum(logits, targets, mask)
+  return total, (logits, targets, mask, lse)
+
+
+def _fused_nll_bwd(res, g):
+  logits, targets, mask, lse = res
+  vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  onehot = vocab == targets[..., None].astype(jnp.int32)
+  # One pass over [B, T, V]: softmax recomputed from the saved log-normaliser.
+  d = (jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * (g * mask)[..., None]
+  return d.astype(logits.dtype), None, None
+
+
+_fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)
+
+
+def fused_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy` with a hand-written backward: saves only the log-normaliser [B, T] and
+  recomputes the softmax in one fused pass (autodiff keeps a second [B, T, V] array and
+  makes more passes). Same values and gradients (fp32 rounding aside)."""
+  mask = mask.astype(jnp.float32)
+  return _fused_nll(logits, targets, mask), jnp.sum(mask)
+
+
+def cross_entropy_and_accuracy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+  """(nll sum, mask count, correct count) in one pass over the logits: `fused_cross_entropy`
+  plus accuracy as "the target's logit is the row maximum" (no argmax pass). That equals
+  `token_accuracy` except on exact ties for the maximum, where `token_accuracy` counts a
+  hit only if the target is the first maximal index. The accuracy carries no gradient."""
+  mask = mask.astype(jnp.float32)
+  nll = _fused_nll(logits, targets, mask)
+  lg = jax.lax.stop_gradient(logits).astype(jnp.float32)
+  picked = jnp.take_along_axis(lg, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  hit = (picked >= jnp.max(lg, axis=-1)).astype(jnp.float32)
+  return nll, jnp.sum(mask), jnp.sum(hit * mask)

@@ -10,6 +10,7 @@ Activations are constrained at block boundaries with `nn.with_logical_constraint
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -28,6 +29,58 @@ ACT_BTV = ("act_batch", "act_length", "act_vocab")
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
   """LoRA output scale: alpha / rank, or alpha / sqrt(rank) for rsLoRA."""
   return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def lora_matmul(x: jax.Array, kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """`x @ kernel + (x @ a) @ b * scale` with a hand-written backward. x: [..., in] -> [..., out].
+
+  Autodiff of the plain expression makes XLA:CPU materialise the output gradient transposed
+  ([out, tokens]) for the `b` gradient, fused with whatever produced it: that copy cost more
+  than all the matmuls of a LoRA step. The backward here contracts over tokens with the
+  small operand transposed instead (`(x @ a)^T @ dy`, `(dy @ b^T)^T @ x`). In float32 the
+  forward multiplies by the merged weight `kernel + scale * a @ b` (one matmul instead of
+  three; rounding differs at the 1e-7 level); in lower precision it keeps the adapter
+  separate so small adapter updates are not rounded away. A kernel gradient is returned
+  only where one is used (XLA drops it when the kernel is frozen).
+  """
+  return _lora_matmul(x, kernel, a, b, float(scale), x.dtype == jnp.float32)
+
+
+def _lora_fwd_value(x, kernel, a, b, scale, merged):
+  if merged:
+    w = kernel + (a @ b) * jnp.asarray(scale, kernel.dtype)
+    return jnp.dot(x, w), w
+  return jnp.dot(x, kernel) + jnp.dot(jnp.dot(x, a), b) * scale, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lora_matmul(x, kernel, a, b, scale, merged):
+  return _lora_fwd_value(x, kernel, a, b, scale, merged)[0]
+
+
+def _lora_matmul_fwd(x, kernel, a, b, scale, merged):
+  y, w = _lora_fwd_value(x, kernel, a, b, scale, merged)
+  return y, (x, kernel, a, b, w)
+
+
+def _lora_matmul_bwd(scale, merged, res, dy):
+  x, kernel, a, b, w = res
+  x2 = x.reshape(-1, x.shape[-1])  # [M, in]
+  dy2 = dy.reshape(-1, dy.shape[-1])  # [M, out]
+  g = jnp.dot(dy2, b.T) * jnp.asarray(scale, dy.dtype)  # [M, R]
+  if merged:
+    dx = jnp.dot(dy2, w.T)
+  else:
+    dx = jnp.dot(dy2, kernel.T) + jnp.dot(g, a.T)
+  xa = jnp.dot(x2, a)  # [M, R], recomputed: cheaper than keeping it
+  da = jnp.dot(g.T, x2).T  # [in, R]
+  db = jnp.dot(xa.T, dy2) * jnp.asarray(scale, dy.dtype)  # [R, out]
+  dkernel = jnp.dot(x2.T, dy2)  # dead code unless the kernel trains
+  return (dx.reshape(x.shape).astype(x.dtype), dkernel.astype(kernel.dtype), da.astype(a.dtype),
+          db.astype(b.dtype))
+
+
+_lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
 class LoraDense(nn.Module):
@@ -53,11 +106,6 @@ class LoraDense(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                         (d_in, self.features), self.param_dtype)
     x = x.astype(self.dtype)
-    y = jnp.dot(x, kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
-                        (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
     if self.has_variable("lora", "a"):
       a = self.get_variable("lora", "a")  # [in, R]
       b = self.get_variable("lora", "b")  # [R, out]
@@ -65,7 +113,17 @@ class LoraDense(nn.Module):
       if self.lora_dropout > 0.0 and not deterministic:
         xa = nn.Dropout(self.lora_dropout)(x, deterministic=False)
       scale = lora_scale(self.lora_alpha, a.shape[-1], self.lora_rslora)
-      y = y + jnp.dot(jnp.dot(xa, a.astype(self.dtype)), b.astype(self.dtype)) * scale
+      if xa is x:  # no dropout: one fused op with a hand-written backward (see lora_matmul)
+        y = lora_matmul(x, kernel.astype(self.dtype), a.astype(self.dtype), b.astype(self.dtype), scale)
+      else:
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        y = y + jnp.dot(jnp.dot(xa, a.astype(self.dtype)), b.astype(self.dtype)) * scale
+    else:
+      y = jnp.dot(x, kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
     return y
 
 
@@ -135,18 +193,27 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, causal: bool,
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          implementation: str = "xla") -> jax.Array:
+                          implementation: str = "xla", causal: bool = False) -> jax.Array:
   """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, 1, T, S] -> [B, T, N, H].
 
   `implementation`: 'xla' (einsums; runs everywhere), 'cudnn' (fused flash attention on
   NVIDIA GPUs through `jax.nn.dot_product_attention`; needs bf16/fp16 compute), or 'auto'
   (cudnn on a GPU backend with bf16/fp16 compute, xla otherwise).
+
+  `causal=True` promises that `mask` is False wherever the key index exceeds the query index
+  (T == S, as for `attention_mask(..., causal=True)` without cache positions). The 'xla'
+  path then skips the key blocks above the diagonal (`causal_block_attention`) and applies
+  `mask` inside the blocks it computes: the same result on every query row that sees at
+  least one key. Rows that see no key at all (padding) get an unspecified finite value,
+  as they do without it.
   """
   if implementation == "auto":
     gpu = jax.default_backend() == "gpu"
     implementation = "cudnn" if gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
   if implementation == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  if causal and q.shape[1] == k.shape[1] and q.shape[1] > _CAUSAL_BLOCK_MIN:
+    return causal_block_attention(q, k, v, mask)
   b, t, n, h = q.shape
   kh = k.shape[2]
   q = q.reshape(b, t, kh, n // kh, h)
@@ -156,3 +223,41 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
   return out.reshape(b, t, n, h)
+
+
+_CAUSAL_BLOCK_MIN = 64  # below this length one dense block is as fast
+
+
+def causal_block_size(t: int) -> int:
+  """Query block length of `causal_block_attention`: 64 up to T=1024, then T/16 (at most 16
+  blocks, so the unrolled graph stays small)."""
+  return max(64, -(-t // 16))
+
+
+def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                           block: int | None = None) -> jax.Array:
+  """Attention for a mask that is zero above the diagonal, computing only the blocks on or
+  below it. q: [B, T, N, H]; k, v: [B, T, K, H]; mask: [B, 1, T, T] -> [B, T, N, H].
+
+  Query block i (rows i*block ... ) attends to the key prefix that ends with its own last
+  row, so about half of the logits of the dense version are never formed (the fraction
+  computed is (n+1)/2n for n blocks). `mask` (segments, padding) is applied inside every
+  computed block, so packed sequences are exact. Plain autodiff of the blocks is used: on
+  XLA:CPU it beat a hand-written backward that recomputes the probabilities.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  block = block or causal_block_size(t)
+  neg = jnp.finfo(jnp.float32).min
+  # 1/sqrt(h) on q rather than on the logits: T*H instead of T*S multiplies (exact for
+  # power-of-two h).
+  q = (q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)).reshape(b, t, kh, n // kh, h)
+  outs = []
+  for start in range(0, t, block):
+    end = min(start + block, t)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q[:, start:end], k[:, :end],
+                        preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, :, None, start:end, :end], logits, neg)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    outs.append(jnp.einsum("bkgts,bskh->btkgh", probs, v[:, :end]))
+  return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)

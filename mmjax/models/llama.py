@@ -79,9 +79,11 @@ class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, deterministic=True, cache=None):
+  def __call__(self, x, positions, mask, deterministic=True, cache=None, causal=False):
     """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S]. `cache` (sampler only) is a dict
-    with 'k', 'v' [B, S, K, H] and 'index' (write offset), returned updated."""
+    with 'k', 'v' [B, S, K, H] and 'index' (write offset), returned updated. `causal=True`
+    promises that `mask` hides every key after its query (by index; lets attention skip
+    those blocks)."""
     c = self.cfg
     b, t, _ = x.shape
     q = c.dense(c.n_heads * c.head_dim, ("embed", "heads"), "q_proj", c.qkv_bias)(x, deterministic)
@@ -98,7 +100,8 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache["index"], 1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache["index"], 1)
       cache = dict(cache, k=k, v=v)
-    out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attention)
+    out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attention,
+                                       causal=causal and cache is None)
     out = checkpoint_name(out, "attn_out")
     out = out.reshape(b, t, c.n_heads * c.head_dim)
     out = c.dense(c.d_model, ("heads", "embed"), "o_proj")(out, deterministic)
@@ -121,10 +124,10 @@ class Block(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, deterministic=True, cache=None):
+  def __call__(self, x, positions, mask, deterministic=True, cache=None, causal=False):
     c = self.cfg
     norm = lambda name: layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name=name)
-    h, cache = Attention(c, name="attn")(norm("input_norm")(x), positions, mask, deterministic, cache)
+    h, cache = Attention(c, name="attn")(norm("input_norm")(x), positions, mask, deterministic, cache, causal)
     x = x + h
     x = x + Mlp(c, name="mlp")(norm("post_attn_norm")(x), deterministic)
     return nn.with_logical_constraint(x, layers.ACT_BTD), cache
@@ -141,7 +144,7 @@ class Llama(nn.Module):
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
     block = Block
     if c.remat != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(4,))
+      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(4, 6))
     self.layers = [block(c, name=f"layers_{i}") for i in range(c.n_layers)]
     self.final_norm = layers.RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype)
     if not c.tie_embeddings:
@@ -150,12 +153,13 @@ class Llama(nn.Module):
   def embed_tokens(self, tokens):
     return self.embed(tokens)
 
-  def hidden(self, x, positions, mask, deterministic=True, caches=None):
-    """Runs the blocks on embeddings x [B, T, D]; returns normed hidden states and caches."""
+  def hidden(self, x, positions, mask, deterministic=True, caches=None, causal=False):
+    """Runs the blocks on embeddings x [B, T, D]; returns normed hidden states and caches.
+    `causal=True`: `mask` is known to be causal by index (see `Attention`)."""
     x = nn.with_logical_constraint(x.astype(self.cfg.compute_dtype), layers.ACT_BTD)
     new_caches = []
     for i, layer in enumerate(self.layers):
-      x, cache = layer(x, positions, mask, deterministic, None if caches is None else caches[i])
+      x, cache = layer(x, positions, mask, deterministic, None if caches is None else caches[i], causal)
       new_caches.append(cache)
     return self.final_norm(x), (None if caches is None else new_caches)
 
@@ -173,5 +177,5 @@ class Llama(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
-    h, _ = self.hidden(self.embed_tokens(tokens), positions, mask, deterministic)
+    h, _ = self.hidden(self.embed_tokens(tokens), positions, mask, deterministic, causal=True)
     return self.logits(h)
