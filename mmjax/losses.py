@@ -144,3 +144,4 @@ def cross_entropy_and_accuracy(logits: jax.Array, targets: jax.Array, mask: jax.
   picked = jnp.take_along_axis(lg, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   hit = (picked >= jnp.max(lg, axis=-1)).astype(jnp.float32)
   return nll, jnp.sum(mask), jnp.sum(hit * mask)
+from mmjax.detection import detr_loss, dice_loss, mask_loss, sigmoid_ce_loss, sigmoid_focal_loss  # noqa: E402,F401
