@@ -70,3 +70,32 @@ def test_sharded_steps_match_one_device_and_do_not_recompile(mesh):
   assert run.train_step._cache_size() == 1
   kernel = state.frozen["params"]["layers_0"]["mlp"]["up_proj"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_sharded_vlm_step_matches_one_device():
+  """A VLM (ViT + projector + LLaMA) LoRA step on shapes images, 8 devices (2x2x2) vs 1."""
+  from mmjax.data import pipeline
+  from mmjax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer("builtin")
+  config = tiny_config(steps=3)
+  config.model.update(name="vlm", vocab_size=-1)
+  config.vision.update(image_size=48, patch_size=16, d_model=20, n_layers=1, n_heads=2, head_dim=10, mlp_dim=28)
+  config.data.update(source="shapes", task="image_caption", image_size=48, max_objects=2, num_train_examples=64)
+  config.lora.targets = r".*(q_proj|v_proj|out_proj|fc1|linear_1)"
+  config.seq_len = 64
+  losses = {}
+  for name, mesh, devices in (("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                              ("eight", dict(data=2, fsdp=2, tensor=2), jax.devices())):
+    config.mesh.update(**mesh)
+    run = loop.build(config, sharding.make_mesh(config.mesh, devices), tok)
+    it = pipeline.make_train_iterator(config.data, global_batch=8, seq_len=64, seed=0, tokenizer=tok,
+                                      visual_tokens=run.visual_tokens)
+    state = run.init_state(jax.random.key(0))
+    out = []
+    for _ in range(3):
+      state, m = run.train_step(state, run.global_batch(next(it)), jax.random.key(1))
+      out.append(float(m["loss"]))
+    losses[name] = out
+    assert run.train_step._cache_size() == 1
+  assert "images" in run.objective.batch_fields
+  np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-5)
