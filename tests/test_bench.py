@@ -39,3 +39,9 @@ def test_cli_with_peak_writes_json(tmp_path, monkeypatch):
 
 def test_measure_matmul_peak_small():
   assert bench.measure_matmul_peak(n=128, reps=2) > 0
+
+
+def test_sample_mode_reports_tokens_per_second():
+  r = bench.run_bench("tiny", mode="sample", steps=6, devices=jax.devices()[:1])
+  assert r["mode"] == "sample" and r["new_tokens_per_s"] > 0 and r["recompiles"] == 0
+  assert "new tokens/s" in bench.format_report(r)

@@ -218,7 +218,34 @@ def _mode_train(config, args, peak):
   return bench_train(config, steps=args.steps, warmup=args.warmup, peak_gflops=peak, devices=args.devices)
 
 
-MODES = {"train": _mode_train}  # later: 'sample', 'dpo'
+def bench_sample(config, batch: int = 8, prompt_len: int = 64, new_tokens: int = 128, reps: int = 3,
+                 devices=None) -> dict:
+  """Times `mmjax.sample.generate` (KV cache, greedy) for `batch` prompts of `prompt_len`
+  random tokens and `new_tokens` new tokens each, with the model's adapter applied."""
+  from mmjax import sample, sharding
+  from mmjax.train import loop
+
+  mesh = sharding.make_mesh(config.mesh, devices)
+  run = loop.build(config, mesh, config.model.vocab_size)
+  with jax.set_mesh(mesh):
+    variables = run.init_state(jax.random.key(config.seed)).variables
+  prompts = np.random.default_rng(0).integers(1, config.model.vocab_size, (batch, prompt_len)).astype(np.int32)
+  def call(i):
+    return sample.generate(run.model, variables, prompts, max_new_tokens=new_tokens)
+
+  t = time_calls(call, 1, reps, jax.block_until_ready)
+  med = t["median_step_s"]
+  return dict(mode="sample", batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+              new_tokens_per_s=batch * new_tokens / med, generate_s=med,
+              generate_s_all=t["step_times_s"], first_call_s=t["first_call_s"], compile_s=t["compile_s"],
+              recompiles=t["recompiles_after_first"])
+
+
+def _mode_sample(config, args, peak):
+  return bench_sample(config, reps=max(args.steps // 3, 2), devices=args.devices)
+
+
+MODES = {"train": _mode_train, "sample": _mode_sample}  # later: 'dpo'
 
 
 def environment() -> dict:
@@ -246,6 +273,15 @@ def run_bench(shape: str, mode: str = "train", steps: int = 10, warmup: int = 2,
 def format_report(r: dict) -> str:
   lines = [f"mmjax bench: shape={r['shape']} mode={r['mode']} on {r['env']['device_kind']} "
            f"({r['env']['backend']}, {r['env']['n_devices']} device(s))"]
+  if r["mode"] == "sample":
+    lines.append(f"  new tokens/s      {r['new_tokens_per_s']:.1f} (batch {r['batch']}, prompt {r['prompt_len']}, "
+                 f"+{r['new_tokens']} tokens, greedy, KV cache)")
+    lines.append(f"  generate          {r['generate_s']:.3f} s (median; all: "
+                 + ", ".join(f"{x:.3f}" for x in r["generate_s_all"]) + ")")
+    lines.append(f"  compile           {r['compile_s']:.2f} s (first call {r['first_call_s']:.2f} s)")
+    lines.append(f"  recompiles        {r['recompiles']}")
+    lines.append(f"  peak memory       host RSS {r['host_peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
   lines.append(f"  tokens/s          {r['tokens_per_s']:.1f}")
   lines.append(f"  step              {r['step_ms']:.1f} ms (median; all: "
                + ", ".join(f"{x:.0f}" for x in r["step_ms_all"]) + ")")
