@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 
 import grain
@@ -58,6 +59,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       image_size=32,  # images are resized (jsonl image paths) or rendered (shapes) at this size
       max_objects=3,  # shapes: objects per image
       video_frames=5,  # shapes: frames per video
+      responses_path="",  # JSONL of {"index", "response"}: train on those records of the train
+      #                     source with these responses (rebirth SFT on a model's own answers)
   ))
 
 
@@ -262,8 +265,35 @@ def _local_batch(global_batch: int, process_index: int, process_count: int) -> i
   return global_batch // process_count
 
 
+class _ReplacedResponses:
+  """The records of `source` named in a responses file, with the file's responses."""
+
+  def __init__(self, source, path: str):
+    self.source, self.rows = source, []
+    with open(path) as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            row = json.loads(line)
+            self.rows.append((int(row["index"]), str(row["response"])))
+          except (ValueError, KeyError, TypeError) as e:
+            raise sources.RecordError(f"{path}:{n}: expected {{\"index\": int, \"response\": str}} ({e})") from None
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __getitem__(self, i):
+    index, response = self.rows[int(i)]
+    return dict(self.source[index], response=response)
+
+  def __repr__(self):
+    return f"_ReplacedResponses({self.source!r}, {len(self)} responses)"
+
+
 def _open_source(data_cfg, split: str):
   source = sources.make_source(data_cfg, split)
+  if split == "train" and data_cfg.get("responses_path") and source is not None:
+    source = _ReplacedResponses(source, data_cfg.responses_path)
   if source is not None and len(source) == 0:
     raise ValueError(f"data {split} source {source!r} has no records")
   return source

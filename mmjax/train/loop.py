@@ -29,6 +29,7 @@ from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import state as state_lib
 from mmjax.train import step as step_lib
+from mmjax.train.dpo import DPO
 from mmjax.train.sft import SFT
 
 
@@ -36,7 +37,7 @@ class NonFiniteLoss(RuntimeError):
   """Training produced a NaN/Inf loss; nothing from that step was saved."""
 
 
-OBJECTIVES = {"sft": SFT}
+OBJECTIVES = {"sft": SFT, "dpo": DPO}
 
 
 @dataclasses.dataclass
@@ -74,7 +75,8 @@ class Run:
 
   def flops_per_step(self) -> float:
     c = self.config
-    return self.flops_per_token * c.batch_size * c.seq_len + self.flops_per_example * c.batch_size
+    rows = c.batch_size * getattr(self.objective, "flops_factor", 1.0)  # DPO: rows per pair + reference
+    return self.flops_per_token * rows * c.seq_len + self.flops_per_example * rows
 
 
 def _param_logical_axes(model, dummy):
@@ -101,7 +103,9 @@ def build(config, mesh, tokenizer) -> Run:
     tokenizer = types.SimpleNamespace(vocab_size=tokenizer, image_id=None)
   rules = sharding.rules_from_config(config.rules)
   model, model_cfg, visual_tokens = config_lib.model_from_config(config, tokenizer)
-  objective = OBJECTIVES[config.objective](model, media=config_lib.media_fields(config))
+  cls = OBJECTIVES[config.objective]
+  media = config_lib.media_fields(config)
+  objective = cls.from_config(config, model, media) if hasattr(cls, "from_config") else cls(model, media=media)
   dummy = jnp.zeros((1, config.seq_len), jnp.int32)
   param_names, abstract_params = _param_logical_axes(model, dummy)
   config_lib.check_targets(config, abstract_params)
@@ -251,12 +255,16 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
   run = build(config, mesh, tokenizer)
   pidx, pcount = jax.process_index(), jax.process_count()
 
-  train_iter = pipeline.make_train_iterator(
-      config.data, global_batch=config.batch_size, seq_len=config.seq_len, seed=config.seed,
-      process_index=pidx, process_count=pcount, tokenizer=tokenizer, visual_tokens=run.visual_tokens)
-  eval_batches = pipeline.make_eval_batches(
-      config.data, batch=config.eval_batch_size, seq_len=config.seq_len, tokenizer=tokenizer,
-      process_index=pidx, process_count=pcount, visual_tokens=run.visual_tokens)
+  is_dpo = config.objective == "dpo"
+  if is_dpo:  # pairs come from the stage's starting policy (online) or a file; built below
+    train_iter, eval_batches = None, []
+  else:
+    train_iter = pipeline.make_train_iterator(
+        config.data, global_batch=config.batch_size, seq_len=config.seq_len, seed=config.seed,
+        process_index=pidx, process_count=pcount, tokenizer=tokenizer, visual_tokens=run.visual_tokens)
+    eval_batches = pipeline.make_eval_batches(
+        config.data, batch=config.eval_batch_size, seq_len=config.seq_len, tokenizer=tokenizer,
+        process_index=pidx, process_count=pcount, visual_tokens=run.visual_tokens)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir, config.steps)
@@ -277,6 +285,8 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
   with jax.set_mesh(mesh):
     rng = jax.random.key(config.seed)
     state = run.init_state(rng) if base_params is None else run.init_from_params(rng, base_params)
+    if is_dpo:
+      train_iter = _dpo_iterator(config, workdir, run, state, tokenizer, label, pidx, pcount, writer, prefix)
     start = 0
     if ckpt.latest_step() is not None:
       state = ckpt.restore(state, train_iter)
@@ -347,15 +357,35 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
   return summary
 
 
+def _dpo_iterator(config, workdir, run, state, tokenizer, label, pidx, pcount, writer, prefix):
+  """The DPO stage's pairs iterator; online pairs are sampled from `state` (the stage's
+  starting policy) and written once, so a resumed stage trains on the same pairs."""
+  from mmjax.data import pairs as pairs_lib
+  from mmjax.train import dpo
+  fresh = not os.path.exists(os.path.join(workdir, "pairs.jsonl"))
+  t0 = time.perf_counter()
+  path = dpo.stage_pairs(config, workdir, run, state.variables, tokenizer, label or "main")
+  if fresh and path.startswith(workdir):
+    recs = pairs_lib.read_pairs(path)
+    writer.line(f"{prefix}{len(recs)} pairs in {path} ({time.perf_counter() - t0:.1f}s)")
+  return pairs_lib.make_train_iterator(path, config, tokenizer=tokenizer, visual_tokens=run.visual_tokens,
+                                       process_index=pidx, process_count=pcount, gt=config.dpo.gt_weight > 0,
+                                       need_ref=config.dpo.reference == "precomputed")
+
+
+_NOT_OBJECTIVE = ("grad_norm", "normaliser", "tokens")
+
+
 def _step_metrics(run: Run, m: dict, step: int, dt: float, peak) -> dict:
   n_dev = jax.device_count()
   tflops = run.flops_per_step() / dt / 1e12 / n_dev
-  out = {
-      "loss": float(m["loss"]), "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
+  out = {k: float(v) for k, v in m.items() if k not in _NOT_OBJECTIVE}  # the objective's metrics
+  out.update({
+      "grad_norm": float(m["grad_norm"]),
       "lr": float(run.schedule(step)), "step_time_s": dt,
       "tokens_per_s": float(m["tokens"]) / dt, "tflops_per_s": tflops,
       "mfu": (tflops / peak) if peak else None,
-  }
+  })
   return out
 
 

@@ -83,6 +83,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       continue
     run = loop.build(cfg, mesh, tokenizer)
     base_params = _import_hf(cfg, run) if base == "hf" else base
+    if cfg.distill_from_stage:  # rebirth: SFT on an earlier stage's own answers, generated once
+      cfg = _with_distill_data(cfg, sdir, run, finals, name, tokenizer, mesh)
     summary = loop.train_stage(cfg, sdir, mesh, tokenizer, base_params,
                                label=name if config.stage_order else "")
     results[name] = summary
@@ -104,9 +106,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     stage_dirs = [(n, os.path.join(workdir, "stages", n) if config.stage_order else workdir) for n in results]
     png = plots.loss_curves(workdir, stage_dirs)
     if config.stage_order:
+      for n, sdir in stage_dirs:  # a DPO round's first-step loss: log 2 for sigmoid (policy = reference)
+        first = _first_step(sdir)
+        if "dpo_loss" in first and isinstance(results[n], dict):
+          results[n]["first_dpo_loss"] = first["dpo_loss"]
       print(_table(results), flush=True)
       with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({n: {k: r.get(k) for k in ("eval_before", "eval_after")} for n, r in results.items()}, f, indent=1)
+        json.dump({n: {k: r.get(k) for k in ("eval_before", "eval_after", "first_dpo_loss")} for n, r in results.items()},
+                  f, indent=1)
     print(f"loss curves: {png}", flush=True)
   return results
 
@@ -127,6 +134,25 @@ def _write_model_dir(path, cfg, run, state):
                  hf_dir=cfg.init_from_hf or None)
 
 
+def _with_distill_data(cfg, sdir, run, finals, name, tokenizer, mesh):
+  from mmjax.train import dpo
+  src = cfg.distill_from_stage
+  if src not in finals:
+    raise ValueError(f"config.stages.{name}.distill_from_stage={src!r} names no earlier stage; "
+                     f"earlier stages: {', '.join(finals) or 'none'}")
+  with jax.set_mesh(mesh):
+    path = dpo.distill_records(cfg, run, finals[src], tokenizer, sdir, name)
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.data.responses_path = path
+  return cfg
+
+
+def _first_step(sdir: str) -> dict:
+  """The step-1 train metrics of a stage (from its metrics.jsonl), or {}."""
+  rows = plots._rows(os.path.join(sdir, "metrics.jsonl"))
+  return next((r for r in rows if r["split"] == "train" and r["step"] == 1), {})
+
+
 def _save_params(path, params):
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.abspath(path), params, force=True)
@@ -144,8 +170,10 @@ def _table(results: dict) -> str:
       if k not in keys:
         keys.append(k)
   w = max([14] + [len(k) + 2 for k in keys])
-  rows = [f"{'stage':<16}" + "".join(f"{k:>{w}}" for k in keys)]
+  first = any("first_dpo_loss" in r for r in results.values())
+  rows = [f"{'stage':<16}" + "".join(f"{k:>{w}}" for k in keys) + (f"{'first_dpo_loss':>{w}}" if first else "")]
   for name, r in results.items():
     ev = r.get("eval_after") or {}
-    rows.append(f"{name:<16}" + "".join(f"{ev.get(k, float('nan')):>{w}.4f}" for k in keys))
+    rows.append(f"{name:<16}" + "".join(f"{ev.get(k, float('nan')):>{w}.4f}" for k in keys)
+                + (f"{r.get('first_dpo_loss', float('nan')):>{w}.4f}" if first else ""))
   return "\n".join(rows)

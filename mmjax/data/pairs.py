@@ -1,0 +1,178 @@
+"""Preference pairs: JSONL records -> DPO batch fields through Grain.
+
+A pairs record (one JSON object per line):
+
+  {"prompt": str, "chosen": str, "rejected": str,        required
+   "ground_truth": str,                                  the SFT target (dpo.gt_weight > 0)
+   "image": path | "frames": [paths],                    optional pixels (VLM)
+   "index": int,                                         optional: take image/frames from
+                                                         this record of the data.source
+                                                         train set (online shapes pairs)
+   "id": ..., "scores": {...},                           kept, not read
+   "ref_chosen_logps": float, "ref_rejected_logps": float}  (dpo.reference='precomputed')
+
+Each pair becomes chosen/rejected (and gt) rows laid out exactly like SFT rows
+(`pipeline.tokenize_example` + `pad_example`), fields renamed `chosen_tokens`, ...,
+`chosen_mask` (the loss mask). Records are checked when the file is read: an empty
+response or a prompt that leaves no room for a response in `seq_len` is a one-line error
+naming the file and line, before any training starts.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import grain
+import numpy as np
+
+from mmjax.data import pipeline, sources
+
+_RENAME = {"tokens": "tokens", "targets": "targets", "loss_mask": "mask", "segment_ids": "segment_ids",
+           "positions": "positions"}
+
+
+class PairsError(ValueError):
+  """A bad pairs record; the message is one line naming the file and line."""
+
+
+def read_pairs(path: str) -> list[dict]:
+  """Records of a pairs JSONL file; each remembers its `_where` ('file:line') for errors."""
+  out = []
+  for f in sources.expand_paths(path, "pairs file"):
+    with open(f) as fh:
+      for n, line in enumerate(fh, 1):
+        if not line.strip():
+          continue
+        where = f"{f}:{n}"
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise PairsError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+          raise PairsError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        rec["_where"] = where
+        out.append(rec)
+  if not out:
+    raise PairsError(f"pairs file {path} has no records")
+  return out
+
+
+def _marker(record: dict) -> dict:
+  """A prompt/response record with the media key (value unused) so visual tokens are counted."""
+  out = {"prompt": record["prompt"]}
+  kind = pipeline.media_kind(record)
+  if kind is not None:
+    out["frames" if kind == "video" else "image"] = None
+  return out
+
+
+def check_pairs(records: list[dict], tokenizer, seq_len: int, visual_tokens=None, where: str = "pairs",
+                media=None) -> None:
+  """Raises PairsError (one line, naming the record) for missing fields, empty responses and
+  prompts too long for `seq_len`. `media`: the source `index` keys point into."""
+  for i, r in enumerate(records):
+    if "index" in r and media is not None:
+      r = PairsSource([r], media)[0]
+    at = r.get("_where") or f"{where} record {i} (id {r.get('id', i)!r})"
+    for key in ("prompt", "chosen", "rejected"):
+      if not isinstance(r.get(key), str):
+        raise PairsError(f"{at}: {key!r} must be a string; record keys: {sorted(k for k in r if k[0] != '_')}")
+    for key in ("chosen", "rejected"):
+      if not r[key].strip():
+        raise PairsError(f"{at}: the {key} response is empty")
+    if "ground_truth" in r and not str(r["ground_truth"]).strip():
+      raise PairsError(f"{at}: the ground_truth response is empty")
+    try:
+      n = len(pipeline.prompt_ids(_marker(r), tokenizer, visual_tokens, seq_len))
+    except ValueError as e:
+      raise PairsError(f"{at}: {e}") from None
+    if n >= seq_len:
+      raise PairsError(f"{at}: the prompt has {n} tokens (bos and visual tokens included), which leaves no "
+                       f"room for a response in seq_len={seq_len}; shorten it or raise seq_len")
+
+
+def media_source(config):
+  """The train source online pairs point into with `index` (shapes), else None."""
+  if config.data.source == "shapes":
+    return sources.make_source(config.data, "train")
+  return None
+
+
+class PairsSource:
+  """Random-access pairs for Grain; media are looked up by `index` in `media_source`."""
+
+  def __init__(self, records: list[dict], media_source=None):
+    self.records = records
+    self.media = media_source
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    r = dict(self.records[int(i)])
+    if "index" in r and self.media is not None:
+      ex = self.media[int(r["index"])]
+      for k in ("image", "frames"):
+        if k in ex:
+          r[k] = ex[k]
+    return r
+
+  def __repr__(self):
+    return f"PairsSource({len(self)} pairs)"
+
+
+def tokenize_pair(record: dict, *, tokenizer, seq_len: int, visual_tokens=None, image_size: int = 32,
+                  gt: bool = False) -> dict:
+  """A pairs record -> chosen_*/rejected_* (and gt_*) int32 [seq_len] rows, ref log-probs
+  (float32 [1]) when present, and images/frames."""
+  out = {}
+  prefixes = [("chosen", "chosen"), ("rejected", "rejected")] + ([("gt", "ground_truth")] if gt else [])
+  for prefix, key in prefixes:
+    rec = dict(_marker(record), response=record[key])
+    row = pipeline.pad_example(pipeline.tokenize_example(rec, tokenizer, seq_len, visual_tokens), seq_len,
+                               tokenizer.pad_id)
+    out.update({f"{prefix}_{_RENAME[k]}": v for k, v in row.items()})
+  for k in ("ref_chosen_logps", "ref_rejected_logps"):
+    if k in record:
+      out[k] = np.full((1,), record[k], np.float32)  # [1]: batches are [B, 1] like every other field's rank >= 2
+  kind = pipeline.media_kind(record)
+  if kind == "image":
+    out["images"] = pipeline.load_image(record["image"], image_size)
+  elif kind == "video":
+    out["frames"] = np.stack([pipeline.load_image(f, image_size) for f in record["frames"]])
+  return out
+
+
+def make_train_iterator(path: str, config, *, tokenizer, visual_tokens=None, process_index: int = 0,
+                        process_count: int = 1, gt: bool = False, need_ref: bool = False) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of local pair batches (`config.batch_size` pairs
+  globally), shuffled per epoch with `config.seed`; process p reads pairs p, p+P, ..."""
+  records = read_pairs(path)
+  media = media_source(config)
+  check_pairs(records, tokenizer, config.seq_len, visual_tokens, media=media)
+  for r in records:
+    if gt and "ground_truth" not in r:
+      raise PairsError(f"{r['_where']}: config.dpo.gt_weight > 0 needs a 'ground_truth' response")
+    if need_ref and not all(k in r for k in ("ref_chosen_logps", "ref_rejected_logps")):
+      raise PairsError(f"{r['_where']}: config.dpo.reference='precomputed' needs ref_chosen_logps and "
+                       f"ref_rejected_logps")
+  local = pipeline._local_batch(config.batch_size, process_index, process_count)
+  ds = grain.MapDataset.source(PairsSource(records, media))
+  if config.data.shuffle:
+    ds = ds.shuffle(seed=int(config.seed) % 2**32)
+  ds = ds.repeat()[process_index::process_count]
+  ds = ds.map(functools.partial(tokenize_pair, tokenizer=tokenizer, seq_len=config.seq_len,
+                                visual_tokens=visual_tokens, image_size=config.data.image_size, gt=gt))
+  read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return iter(ds.batch(local, drop_remainder=True).to_iter_dataset(read))
+
+
+def write_pairs(path: str, records: list[dict]) -> None:
+  """Writes records as JSONL atomically (a temp file renamed), without the `_where` keys."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n")
+  os.replace(tmp, path)
