@@ -286,6 +286,11 @@ def explain_override_error(argv) -> str | None:
     if not arg.startswith("--config."):
       continue
     path = arg[len("--config."):].split("=", 1)[0]
+    if path.startswith("stages."):
+      stage = path.split(".")[1]
+      return (f"config key {path!r} does not exist: a stage override can only change keys the config file "
+              f"sets for stage {stage!r}; set the key for every stage with --config.{'.'.join(path.split('.')[2:])} "
+              f"or add it to config.stages.{stage} in the config file")
     if path not in known and path not in prefixes:
       parent = path.rpartition(".")[0]
       siblings = sorted({p[len(parent) + 1:].split(".")[0] if parent else p.split(".")[0]
