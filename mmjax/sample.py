@@ -62,7 +62,11 @@ def _forward(module, tokens, positions, mask, caches, media=None):
   `media` (prefill of a VLM only): {'images': ...} or {'frames': ...} spliced at placeholders."""
   x = module.embed(tokens, **media) if media else module.embed_tokens(tokens)
   h, caches = module.hidden(x, positions, mask, True, caches)
-  return module.logits(h[:, -1:])[:, 0], caches
+  logits = module.logits(h[:, -1:])[:, 0]
+  image_id = getattr(module.cfg, "image_token_id", None)
+  if image_id is not None:  # a VLM never generates a visual placeholder
+    logits = logits.at[:, image_id].set(-jnp.inf)
+  return logits, caches
 
 
 def _choose(logits, key, temperature, top_k, top_p, *, sample: bool, filtered: bool):
@@ -191,7 +195,7 @@ def generate(model, variables: dict, prompts, *, lengths=None, max_new_tokens: i
 
   model: a `Llama` or a `VLM` (its config is used; remat and attention are overridden for
     decoding). For a VLM, `images` [B, H, W, C] or `frames` [B, T, H, W, C] fill the
-    prompts' image placeholders.
+    prompts' image placeholders, and the placeholder token is never generated.
   variables: {'params': ..., optionally 'lora': ...}.
   prompts: list of token-id lists, or a right-padded [B, P] int array with `lengths` [B]
     (every prompt needs at least one token). `prompt_len` pads lists to a fixed P so that

@@ -183,3 +183,27 @@ def test_matches_transformers_greedy_generate(tmp_path):
     ref = np.pad(ref, ((0, 0), (0, n - ref.shape[1])))  # transformers stops once every row has
     np.testing.assert_array_equal(np.asarray(got), ref)
   assert np.asarray(lengths)[1] == 4
+
+
+def test_vlm_greedy_with_images_equals_full_forward_argmax():
+  """Image placeholders in the prompt are filled at prefill; the cached decode then equals
+  re-running the whole VLM on the growing sequence."""
+  from mmjax.models import vit, vlm
+  llm = LlamaConfig(vocab_size=37, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=6, mlp_dim=30)
+  cfg = vlm.VLMConfig(vision=vit.ViTConfig(image_size=16, patch_size=8, d_model=20, n_layers=1, n_heads=2,
+                                           head_dim=10, mlp_dim=28),
+                      llm=llm, image_token_id=5, max_frames=0)
+  model = vlm.VLM(cfg)
+  n_vis = vlm.num_visual_tokens(cfg, "image")
+  prompts = [[1] + [5] * n_vis + [9, 12, 7], [1] + [5] * n_vis + [20]]
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  variables = {"params": nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray([prompts[0]]))["params"])}
+  out, _ = sample.generate(model, variables, prompts, max_new_tokens=5, images=images)
+  for row, prompt in enumerate(prompts):
+    seq = list(prompt)
+    for _ in range(5):
+      logits = model.apply(variables, jnp.asarray([seq]), images=images[row:row + 1])[0, -1]
+      seq.append(int(jnp.argmax(logits.at[5].set(-jnp.inf))))  # the sampler never emits the placeholder
+    assert list(np.asarray(out[row])) == seq[len(prompt):], row
+  other, _ = sample.generate(model, variables, prompts, max_new_tokens=5, images=images[::-1])
+  assert not np.array_equal(np.asarray(other), np.asarray(out))  # the images matter
