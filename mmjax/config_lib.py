@@ -363,7 +363,7 @@ def _validate_one(config, n_devices, process_count, abstract_params) -> None:
   for pattern in config.trainable:
     _check_regex("trainable", pattern)
 
-  from mmjax.sharding import data_parallel_size, mesh_shape, rules_from_config
+  from mmjax.sharding import mesh_shape, rules_from_config
   try:
     shape = mesh_shape(config.mesh, n_devices)
   except ValueError as e:

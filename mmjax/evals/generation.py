@@ -28,11 +28,14 @@ def _answer(tokenizer, ids) -> str:
   return tokenizer.decode(ids)
 
 
-def generate_answers(run, variables, records, tokenizer, *, max_new_tokens: int, batch: int) -> list[str]:
-  """Greedy answers (text up to eos) to each record's prompt, images/frames included."""
+def generate_answers(run, variables, records, tokenizer, *, max_new_tokens: int, batch: int,
+                     temperature: float = 0.0, top_k: int = 0, rng=None) -> list[str]:
+  """Answers (text up to eos) to each record's prompt, images/frames included: greedy, or
+  sampled at `temperature` (chunk i draws with `rng` folded with i)."""
+  import jax
   out = []
   image_size = run.config.data.image_size
-  for start in range(0, len(records), batch):
+  for i, start in enumerate(range(0, len(records), batch)):
     real = records[start:start + batch]
     chunk = real + [real[-1]] * (batch - len(real))  # fixed shapes: one compiled sampler
     prompts = [pipeline.prompt_ids(r, tokenizer, run.visual_tokens, run.config.seq_len) for r in chunk]
@@ -43,9 +46,10 @@ def generate_answers(run, variables, records, tokenizer, *, max_new_tokens: int,
     elif kind == "video":
       media["frames"] = np.stack([np.stack([pipeline.load_image(f, image_size) for f in r["frames"]])
                                   for r in chunk])
+    key = None if rng is None else jax.random.fold_in(rng, i)
     tokens, _ = sample.generate(run.model, variables, prompts, max_new_tokens=max_new_tokens,
-                                stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
-                                prompt_len=run.config.seq_len, **media)
+                                temperature=temperature, top_k=top_k, rng=key, stop_tokens=(tokenizer.eos_id,),
+                                pad_id=tokenizer.pad_id, prompt_len=run.config.seq_len, **media)
     out += [_answer(tokenizer, t) for t in np.asarray(tokens)[:len(real)]]
   return out
 

@@ -8,7 +8,6 @@ Module paths follow Hugging Face names so converters and LoRA regexes read natur
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

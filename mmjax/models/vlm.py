@@ -33,7 +33,7 @@ from flax import linen as nn
 
 from mmjax.models import layers
 from mmjax.models.llama import Llama, LlamaConfig
-from mmjax.models.vit import ViT, ViTConfig, _hw
+from mmjax.models.vit import ViT, ViTConfig
 
 
 @dataclasses.dataclass(frozen=True)

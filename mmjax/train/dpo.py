@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from mmjax import losses, sample
+from mmjax import losses
 
 ROW_FIELDS = ("tokens", "targets", "mask", "segment_ids", "positions")
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -179,29 +179,9 @@ SCORERS = {  # name -> fn(record, answer) -> float, lower is better
 def sample_answers(run, variables, records, tokenizer, *, max_new_tokens, batch, temperature=0.0, top_k=0,
                    rng=None) -> list[str]:
   """Answers (text up to eos) to each record's prompt: greedy, or sampled at `temperature`."""
-  from mmjax.data import pipeline
-  out = []
-  size = run.config.data.image_size
-  for i, start in enumerate(range(0, len(records), batch)):
-    real = records[start:start + batch]
-    chunk = real + [real[-1]] * (batch - len(real))  # fixed shapes: one compiled sampler
-    prompts = [pipeline.prompt_ids(r, tokenizer, run.visual_tokens, run.config.seq_len) for r in chunk]
-    media = {}
-    kind = pipeline.media_kind(chunk[0])
-    if kind == "image":
-      media["images"] = np.stack([pipeline.load_image(r["image"], size) for r in chunk])
-    elif kind == "video":
-      media["frames"] = np.stack([np.stack([pipeline.load_image(f, size) for f in r["frames"]]) for r in chunk])
-    key = None if rng is None else jax.random.fold_in(rng, i)
-    tokens, _ = sample.generate(run.model, variables, prompts, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_k=top_k, rng=key, stop_tokens=(tokenizer.eos_id,),
-                                pad_id=tokenizer.pad_id, prompt_len=run.config.seq_len, **media)
-    for t in np.asarray(tokens)[:len(real)]:
-      ids = list(t)
-      if tokenizer.eos_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_id)]
-      out.append(tokenizer.decode(ids))
-  return out
+  from mmjax.evals import generation
+  return generation.generate_answers(run, variables, records, tokenizer, max_new_tokens=max_new_tokens,
+                                     batch=batch, temperature=temperature, top_k=top_k, rng=rng)
 
 
 def prompt_indices(n_source: int, n: int, seed: int, label: str) -> list[int]:

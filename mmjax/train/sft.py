@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 from flax import linen as nn
 
 from mmjax import losses
