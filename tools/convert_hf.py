@@ -13,6 +13,16 @@ writes an mmjax model directory (see `mmjax.convert.model_dir`: model_config.jso
 (an mmjax model directory with `lora/`, or a PEFT directory) or else the checkpoint's own
 `lora/`; with `--merge` it is folded into the weights, otherwise it is written next to the
 base model as a PEFT adapter in OUT/adapter. Torch is not needed.
+
+  python tools/convert_hf.py import-vision --hf HF_DIR --out MMJAX_DIR [--dtype bfloat16]
+  python tools/convert_hf.py export-vision --ckpt MMJAX_DIR --out HF_DIR [--architecture SiglipVisionModel]
+                                           [--dtype bfloat16]
+
+`import-vision` reads the vision tower of a CLIPVisionModel, CLIPModel, SiglipVisionModel or
+SiglipModel directory into an mmjax vision directory (model_config.json with the ViTConfig,
+Orbax `params/`, see `mmjax.convert.vision`); `export-vision` writes a CLIPVisionModel or
+SiglipVisionModel directory that `transformers.AutoModel.from_pretrained` loads (an adapter
+in the checkpoint's `lora/` is merged).
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmjax.convert import llama as convert_llama  # noqa: E402
 from mmjax.convert import model_dir  # noqa: E402
+from mmjax.convert import vision as convert_vision  # noqa: E402
 
 
 def _import(args) -> None:
@@ -76,6 +87,23 @@ def _export(args) -> None:
   print(f"wrote {args.out} as {arch} ({dtype}, {what})")
 
 
+def _import_vision(args) -> None:
+  cfg, params = convert_vision.import_hf_vision(args.hf, dtype=args.dtype)
+  hf = convert_llama.read_json(args.hf, "config.json")
+  arch = convert_vision.architecture_of(hf)
+  convert_vision.save_dir(args.out, cfg, params, hf_architecture=arch, hf_config=hf)
+  print(f"wrote {args.out}: {arch} vision tower, {cfg.n_layers} layers, d_model {cfg.d_model}")
+
+
+def _export_vision(args) -> None:
+  cfg, params, lora, meta = convert_vision.load_dir(args.ckpt)
+  arch = args.architecture or {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[
+      convert_vision.family_of(cfg)]
+  dtype = args.dtype or cfg.param_dtype
+  convert_vision.export_hf_vision(args.out, cfg, params, lora, merge=True, architecture=arch, dtype=dtype)
+  print(f"wrote {args.out} as {arch} ({dtype}" + (", merged adapter)" if lora is not None else ")"))
+
+
 def main(argv=None) -> int:
   head, _, rest = __doc__.partition("\n\n")
   parser = argparse.ArgumentParser(description=head, epilog=rest,
@@ -97,9 +125,23 @@ def main(argv=None) -> int:
   exp.add_argument("--dtype", default="", choices=("", "float32", "bfloat16", "float16"),
                    help="safetensors dtype (default: the checkpoint's param dtype)")
   exp.add_argument("--max-shard-mb", type=float, default=0, help="shard files past this size (0 = one file)")
+  imv = sub.add_parser("import-vision", help="Hugging Face CLIP / SigLIP directory -> mmjax vision directory")
+  imv.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+  imv.add_argument("--out", required=True, help="mmjax vision directory to write")
+  imv.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="parameter (and compute) dtype")
+  exv = sub.add_parser("export-vision", help="mmjax vision directory -> Hugging Face vision model directory")
+  exv.add_argument("--ckpt", required=True, help="mmjax vision directory")
+  exv.add_argument("--out", required=True, help="HF model directory to write")
+  exv.add_argument("--architecture", default="", choices=("",) + convert_vision.EXPORT_ARCHITECTURES,
+                   help="HF class to write (default: from the tower's layout)")
+  exv.add_argument("--dtype", default="", choices=("", "float32", "bfloat16", "float16"),
+                   help="safetensors dtype (default: the checkpoint's param dtype)")
   args = parser.parse_args(argv)
+  commands = {"import": _import, "export": _export, "import-vision": _import_vision,
+              "export-vision": _export_vision}
   try:
-    (_import if args.command == "import" else _export)(args)
+    commands[args.command](args)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
