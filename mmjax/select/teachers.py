@@ -1,0 +1,205 @@
+"""Teachers: name, for one student error, the skills whose lack explains it.
+
+A teacher maps an `ErrorRecord` to {skill: weight} with skills from `shapes.SKILLS`
+(`mmjax.select.gaps.Teacher`). Two are provided:
+
+  FactTeacher()   exact, for the shapes grammar: compares the predicted and true atomic
+                  facts of a caption (the matching of `mmjax.evals.captions`), or takes a
+                  wrong vqa answer's question skill. Weights of an error sum to 1.
+  ModelTeacher(teacher_answer_fn, student_answer_fn, questions_fn)
+                  asks a stronger model and the student per-skill questions about the
+                  failed example; a skill is missing where the teacher is right and the
+                  student is wrong. Weights sum to 1, or {} when no skill is found.
+
+FactTeacher, captions. The prediction is parsed and matched as `caption_metrics` does
+(images: a multiset of objects; videos: in order, by the longest common subsequence of
+(verb, colour, shape, position), step numbers ignored; a repeated item is neither matched
+nor invented). Each mismatch then costs one unit, given to a skill:
+
+  temporal_order  videos: a true event that is stated but out of order
+  colour / shape / size / position
+                  an invented fact that equals a missed true fact but in that one
+                  attribute (paired greedily, each true fact once, as `caption_metrics`'s
+                  err_* counts)
+  (shared)        images: an invented and a missed object in the same cell that differ in
+                  several of colour / shape / size: the unit is shared among those;
+                  videos: an invented and a missed event of the same object (colour, shape)
+                  with another verb and position: 'position' (where and how it moved)
+  count           any other missed object / event (left out) or invented one (made up)
+
+Unparseable text costs nothing when there is any fact error; an error made only of
+unparseable text (nothing the facts can explain) spreads its unit evenly over the
+example's skill tags. Units are normalised to sum 1 per error.
+"""
+from __future__ import annotations
+
+import collections
+
+from mmjax.evals import captions
+from mmjax.select.gaps import ErrorRecord, normalise_answer, order_skills
+
+_IMAGE_FIELDS = {"colour": 1, "shape": 2, "size": 3, "position": 4}  # in ("object", c, s, z, p)
+_VIDEO_FIELDS = {"colour": 1, "shape": 2, "position": 3}  # in (verb, colour, shape, position)
+
+
+def match_facts(prediction: str, truth, kind: str) -> dict:
+  """How a caption's parsed facts meet the truth, as `caption_metrics` counts them.
+
+  Returns {"missed": [true items], "invented": [predicted items], "out_of_order": [items],
+  "unparsed": [spans]}: images as object facts, videos as (verb, colour, shape, position)
+  keys (out_of_order: events stated but outside the in-order match; empty for images).
+  """
+  facts, unparsed = captions.parse_caption(prediction, kind)
+  true = [tuple(f) for f in truth]
+  key = (lambda f: f) if kind == "image" else (lambda f: f[2:])  # events: drop "event", step
+  seen, firsts = set(), []
+  for f in facts:  # a repeated item is neither matched nor invented
+    if key(f) not in seen:
+      seen.add(key(f))
+      firsts.append(f)
+  out_of_order = []
+  if kind == "image":
+    left = collections.Counter(true)
+    invented = []
+    for f in firsts:
+      if left[f] > 0:
+        left[f] -= 1
+      else:
+        invented.append(f)
+    missed = list(left.elements())
+  else:
+    true_keys = [key(f) for f in sorted(true, key=lambda f: f[1])]
+    pairs = captions._lcs_pairs([key(f) for f in firsts], true_keys)
+    used_p, used_t = {i for i, _ in pairs}, {j for _, j in pairs}
+    invented = [key(f) for i, f in enumerate(firsts) if i not in used_p]
+    missed = [k for j, k in enumerate(true_keys) if j not in used_t]
+    for k in list(invented):  # stated, but out of order
+      if k in missed:
+        out_of_order.append(k)
+        invented.remove(k)
+        missed.remove(k)
+  return {"missed": missed, "invented": invented, "out_of_order": out_of_order,
+          "unparsed": sorted(set(unparsed))}
+
+
+def _caption_units(match: dict, kind: str) -> dict[str, float]:
+  """Unnormalised skill units of one caption's mismatches (see the module docstring)."""
+  units: dict[str, float] = collections.defaultdict(float)
+  units["temporal_order"] += len(match["out_of_order"])
+  missed, invented = list(match["missed"]), []
+  fields = _IMAGE_FIELDS if kind == "image" else _VIDEO_FIELDS
+  for p in match["invented"]:  # one attribute off: the same greedy pairing as caption_metrics
+    for t in missed:
+      skill = captions._one_off(p, t, fields)
+      if skill:
+        units[skill] += 1
+        missed.remove(t)
+        break
+    else:
+      invented.append(p)
+  # The same object, several things wrong: images by cell (one object per cell), videos by
+  # (colour, shape) (distinct per object in a video).
+  same = (lambda p, t: p[4] == t[4]) if kind == "image" else (lambda p, t: p[1:3] == t[1:3])
+  left = []
+  for p in invented:
+    t = next((t for t in missed if same(p, t)), None)
+    if t is None:
+      left.append(p)
+      continue
+    missed.remove(t)
+    if kind == "image":
+      diff = [s for s in ("colour", "shape", "size") if p[_IMAGE_FIELDS[s]] != t[_IMAGE_FIELDS[s]]]
+      for s in diff:
+        units[s] += 1 / len(diff)
+    else:
+      units["position"] += 1
+  units["count"] += len(missed) + len(left)
+  return {s: w for s, w in units.items() if w > 0}
+
+
+def _normalised(units: dict) -> dict[str, float]:
+  total = sum(units.values())
+  return {s: units[s] / total for s in order_skills(units)} if total > 0 else {}
+
+
+class FactTeacher:
+  """The exact atomic-fact teacher for shapes (see the module docstring)."""
+
+  def missing_skills(self, error: ErrorRecord) -> dict[str, float]:
+    """{skill: weight} summing to 1 ({} when the prediction has no error)."""
+    if error.kind == "vqa":
+      skill = error.details.get("skill") or (error.skills[0] if error.skills else None)
+      return {skill: 1.0} if skill else {}
+    if error.kind not in captions.KINDS:
+      raise ValueError(f"FactTeacher: error kind {error.kind!r} is unknown; valid: image, video, vqa")
+    match = match_facts(error.prediction, error.truth, error.kind)
+    units = _caption_units(match, error.kind)
+    if not units and match["unparsed"] and error.skills:
+      units = {s: 1.0 for s in error.skills}  # wrong, but nothing the facts can explain
+    return _normalised(units)
+
+
+def record_questions(record: dict) -> list[tuple]:
+  """The shapes questions of a record: its `qa` list of (question, answer, skill)."""
+  return [tuple(q) for q in record.get("qa", ())]
+
+
+class ModelTeacher:
+  """Per-skill questions answered by a stronger model and by the student.
+
+  teacher_answer_fn, student_answer_fn: list[(record, question)] -> list[str], one answer
+      per pair, called once per batch of errors (the recipe wires them to the sampler of
+      the teacher and of the student checkpoint).
+  questions_fn: record -> [(question, answer, skill)] or [(question, skill)] (answer
+      unknown); default: the shapes record's `qa`.
+
+  For each question: with a known answer, the skill is missing when the teacher's answer
+  equals it and the student's does not; without one, when the two answers differ (the
+  teacher is trusted). Answers are compared lower-cased with whitespace collapsed. An
+  error's weight is the share of its missing questions per skill (sums to 1), {} when
+  none is missing (then the teacher cannot explain the error and it adds nothing).
+  """
+
+  def __init__(self, teacher_answer_fn, student_answer_fn, questions_fn=record_questions):
+    self.teacher_answer_fn = teacher_answer_fn
+    self.student_answer_fn = student_answer_fn
+    self.questions_fn = questions_fn
+
+  def missing_skills(self, error: ErrorRecord) -> dict[str, float]:
+    return self.missing_skills_batch([error])[0]
+
+  def _ask(self, fn, pairs, who):
+    if not pairs:
+      return []
+    answers = list(fn(pairs))
+    if len(answers) != len(pairs):
+      raise ValueError(f"ModelTeacher: the {who} answered {len(answers)} of {len(pairs)} questions")
+    return [normalise_answer(a) for a in answers]
+
+  def missing_skills_batch(self, errors) -> list[dict[str, float]]:
+    """{skill: weight} of each error, with one teacher and one student call in all."""
+    errors = list(errors)
+    owners, pairs, known, skills = [], [], [], []
+    for i, error in enumerate(errors):
+      if error.record is None:
+        raise ValueError(f"ModelTeacher needs the source record of error {error.index} "
+                         "(collect_errors keeps it in ErrorRecord.record)")
+      for q in self.questions_fn(error.record):
+        if len(q) == 3:
+          question, answer, skill = q
+        elif len(q) == 2:
+          (question, skill), answer = q, None
+        else:
+          raise ValueError(f"questions_fn must give (question, answer, skill) or (question, skill), got {q!r}")
+        owners.append(i)
+        pairs.append((error.record, question))
+        known.append(None if answer is None else normalise_answer(answer))
+        skills.append(skill)
+    teacher = self._ask(self.teacher_answer_fn, pairs, "teacher")
+    student = self._ask(self.student_answer_fn, pairs, "student")
+    units = [collections.defaultdict(float) for _ in errors]
+    for i, truth, skill, t, s in zip(owners, known, skills, teacher, student):
+      missing = (t == truth and s != truth) if truth is not None else t != s
+      if missing:
+        units[i][skill] += 1
+    return [_normalised(u) for u in units]

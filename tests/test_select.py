@@ -1,0 +1,340 @@
+"""Error-driven data selection: errors, teachers, gap profiles, retrieval under a budget."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mmjax.data import shapes
+from mmjax.evals import captions
+from mmjax.select import gaps, retrieve, teachers
+
+TRUE = "a large red circle at the top left. a small blue square at the center."
+FACTS = [("object", "red", "circle", "large", "top left"),
+         ("object", "blue", "square", "small", "center")]
+VIDEO = ("first a red circle appears at the top left, then the red circle moves to the center, "
+         "then a blue square appears at the right, then the red circle disappears from the center.")
+EVENTS = [("event", 1, "appears", "red", "circle", "top left"),
+          ("event", 2, "moves", "red", "circle", "center"),
+          ("event", 3, "appears", "blue", "square", "right"),
+          ("event", 4, "disappears", "red", "circle", "center")]
+QA = [("how many circles are there?", "1", "count"), ("what colour is the square?", "blue", "colour"),
+      ("what shape is the object at the top left?", "circle", "shape")]
+
+
+def image_record(index=0):
+  return {"kind": "image_caption", "index": index, "prompt": shapes.IMAGE_PROMPT, "response": TRUE,
+          "facts": FACTS, "qa": QA, "skills": shapes.CAPTION_SKILLS}
+
+
+def video_record(index=0):
+  return {"kind": "video_caption", "index": index, "prompt": shapes.VIDEO_PROMPT, "response": VIDEO,
+          "facts": EVENTS, "qa": [], "skills": shapes.VIDEO_SKILLS}
+
+
+def vqa_record(question, answer, skill, index=0):
+  return {"kind": "vqa", "index": index, "prompt": question, "response": answer, "facts": FACTS,
+          "qa": QA, "skills": (skill,)}
+
+
+def teach_one(record, prediction):
+  error = gaps.judge(record, prediction)
+  assert error is not None, prediction
+  return teachers.FactTeacher().missing_skills(error)
+
+
+def one_line_error(excinfo, *parts):
+  text = str(excinfo.value)
+  assert "\n" not in text and all(p in text for p in parts), text
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_collect_errors():
+  records = [image_record(0), image_record(1), vqa_record("what colour is the square?", "blue", "colour", 2),
+             vqa_record("how many circles are there?", "1", "count", 3), video_record(4), image_record(5)]
+  preds = [TRUE, "a large green circle at the top left. a small blue square at the center.", "  Blue ",
+           "2", VIDEO, TRUE + " " + TRUE.split(". ")[1]]  # the last only repeats a fact: not an error
+  errors = gaps.collect_errors(records, preds)
+  assert [(e.index, e.kind) for e in errors] == [(1, "image"), (3, "vqa")]
+  assert errors[0].truth == FACTS and errors[0].details["err_colour"] == 1 and errors[0].record is records[1]
+  assert errors[1].truth == "1" and errors[1].prediction == "2" and errors[1].details["skill"] == "count"
+  assert errors[1].skills == ("count",)
+  with pytest.raises(ValueError) as e:
+    gaps.collect_errors(records, preds[:2])
+  one_line_error(e, "6 records", "2 predictions")
+  with pytest.raises(ValueError, match="kind"):
+    gaps.collect_errors([{"kind": "pool", "index": 0}], ["x"])
+
+
+def test_exact_truth_yields_nothing():
+  teacher = teachers.FactTeacher()
+  for kind, facts, text in (("image", FACTS, TRUE), ("video", EVENTS, VIDEO)):
+    error = gaps.ErrorRecord(0, kind, text, facts, ())
+    assert teacher.missing_skills(error) == {}
+  records = [shapes.ShapesSource("pool", 12, seed=3, split="eval")[i] for i in range(12)]
+  assert {r["kind"] for r in records} >= {"vqa", "image_caption"}
+  assert gaps.collect_errors(records, [r["response"] for r in records]) == []
+  for r in records:  # a teacher asked anyway about a right caption finds nothing
+    if r["kind"] != "vqa":
+      kind = "video" if r["kind"] == "video_caption" else "image"
+      assert teacher.missing_skills(gaps.ErrorRecord(r["index"], kind, r["response"], r["facts"], r["skills"])) == {}
+
+
+# ----------------------------------------------------------------------------- FactTeacher
+
+
+@pytest.mark.parametrize("prediction, expected", [
+    ("a large green circle at the top left. a small blue square at the center.", {"colour": 1.0}),
+    ("a large red triangle at the top left. a small blue square at the center.", {"shape": 1.0}),
+    ("a small red circle at the top left. a small blue square at the center.", {"size": 1.0}),
+    ("a large red circle at the top. a small blue square at the center.", {"position": 1.0}),
+    ("a large red circle at the top left.", {"count": 1.0}),  # an object left out
+    (TRUE + " a small white cross at the bottom.", {"count": 1.0}),  # an object made up
+    # the same cell, three attributes wrong: the unit is shared
+    ("a small green square at the top left. a small blue square at the center.",
+     {"colour": 1 / 3, "shape": 1 / 3, "size": 1 / 3}),
+    # one colour wrong and one object left out
+    ("a large green circle at the top left.", {"colour": 0.5, "count": 0.5}),
+    ("nothing to see here.", {"count": 1.0}),  # every object missed
+])
+def test_fact_teacher_image(prediction, expected):
+  got = teach_one(image_record(), prediction)
+  assert got == pytest.approx(expected) and list(got) == [s for s in shapes.SKILLS if s in expected]
+  assert sum(got.values()) == pytest.approx(1.0)
+  m = captions.caption_metrics(prediction, FACTS)  # one-off pairs agree with the metrics
+  for skill in captions.ATTRIBUTE_SKILLS:
+    if m[f"err_{skill}"]:
+      assert skill in got
+
+
+SWAPPED = ("first a red circle appears at the top left, then a blue square appears at the right, "
+           "then the red circle moves to the center, then the red circle disappears from the center.")
+
+
+@pytest.mark.parametrize("prediction, expected", [
+    (SWAPPED, {"temporal_order": 1.0}),
+    (VIDEO.replace("moves to the center", "moves to the bottom"), {"position": 1.0}),
+    (VIDEO.replace("a blue square", "a green square"), {"colour": 1.0}),
+    (VIDEO.replace("disappears from the center", "moves to the bottom"), {"position": 1.0}),  # verb
+    (VIDEO.replace(", then a blue square appears at the right", ""), {"count": 1.0}),
+])
+def test_fact_teacher_video(prediction, expected):
+  got = teach_one(video_record(), prediction)
+  assert got == pytest.approx(expected)
+  if "temporal_order" in expected:
+    assert captions.caption_metrics(prediction, EVENTS, "video")["err_temporal_order"] == 1
+
+
+def test_fact_teacher_vqa_and_unparsed():
+  assert teach_one(vqa_record("what colour is the square?", "blue", "colour"), "red") == {"colour": 1.0}
+  # right facts plus gibberish: an error nothing in the facts explains -> the example's tags
+  got = teach_one(image_record(), TRUE + " qwerty zz.")
+  assert got == pytest.approx({s: 1 / len(shapes.CAPTION_SKILLS) for s in shapes.CAPTION_SKILLS})
+
+
+def test_gap_profile():
+  records = [image_record(0), image_record(1), image_record(2), vqa_record("how many circles are there?", "1",
+                                                                          "count", 3), image_record(4)]
+  preds = ["a large green circle at the top left. a small blue square at the center.",  # colour
+           "a small blue square at the center.",  # count (red circle left out)
+           "a large red circle at the top. a small blue square at the center.",  # position
+           "3",  # count
+           TRUE]  # right
+  errors = gaps.collect_errors(records, preds)
+  assert len(errors) == 4
+  profile = gaps.gap_profile(errors, teachers.FactTeacher())
+  assert profile == pytest.approx({"colour": 0.25, "position": 0.25, "count": 0.5})
+  assert list(profile) == ["colour", "position", "count"]  # shapes.SKILLS order
+  assert gaps.gap_profile(errors[::-1], teachers.FactTeacher()) == profile  # order-free
+  assert gaps.gap_profile([], teachers.FactTeacher()) == {}
+
+  class Bad:
+    def missing_skills(self, error):
+      return {"colour": -1.0}
+  with pytest.raises(ValueError, match="weight"):
+    gaps.gap_profile(errors, Bad())
+
+
+# ----------------------------------------------------------------------------- ModelTeacher
+
+
+def test_model_teacher():
+  calls = {"teacher": 0, "student": 0}
+  truth = {q: a for q, a, _ in QA}
+
+  def teacher_fn(pairs):
+    calls["teacher"] += 1
+    assert all(isinstance(r, dict) and isinstance(q, str) for r, q in pairs)
+    return [truth[q] if q != "what shape is the object at the top left?" else "square" for _, q in pairs]
+
+  def student_fn(pairs):  # wrong on colour and on shape; right on count
+    calls["student"] += 1
+    return [{"count": " 1 ", "colour": "red", "shape": "triangle"}[dict((x, s) for x, _, s in QA)[q]]
+            for _, q in pairs]
+
+  records = [image_record(0), image_record(1)]
+  errors = gaps.collect_errors(records, ["a large red circle at the top left.", "a large red circle at the top."])
+  teacher = teachers.ModelTeacher(teacher_fn, student_fn)
+  # shape: the teacher is wrong too, so it is not the student's gap; count: the student is right
+  assert teacher.missing_skills(errors[0]) == {"colour": 1.0}
+  assert calls == {"teacher": 1, "student": 1}
+  assert gaps.gap_profile(errors, teacher) == {"colour": 1.0}
+  assert calls == {"teacher": 2, "student": 2}  # one batched call each for all errors
+
+  # no known answers: a skill is missing where teacher and student disagree
+  unknown = teachers.ModelTeacher(teacher_fn, student_fn, questions_fn=lambda r: [(q, s) for q, _, s in r["qa"]])
+  assert unknown.missing_skills(errors[0]) == pytest.approx({"colour": 0.5, "shape": 0.5})
+  agree = teachers.ModelTeacher(student_fn, student_fn)
+  assert agree.missing_skills(errors[0]) == {}
+  short = teachers.ModelTeacher(lambda pairs: ["1"], student_fn)
+  with pytest.raises(ValueError) as e:
+    short.missing_skills(errors[0])
+  one_line_error(e, "teacher", "1 of 3")
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def test_allocate():
+  assert retrieve.allocate({"colour": 0.5, "shape": 0.3, "size": 0.2}, 7) == {"colour": 4, "shape": 2, "size": 1}
+  assert retrieve.allocate({"colour": 1, "shape": 1, "size": 1}, 10) == {"colour": 4, "shape": 3, "size": 3}
+  got = retrieve.allocate({"count": 0.1, "colour": 0.7, "position": 0.2, "size": 0.0}, 1000)
+  assert got == {"colour": 700, "position": 200, "count": 100}
+  assert sum(retrieve.allocate({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 100).values()) == 100
+
+
+def toy_pool():
+  # 10 colour items, 10 shape items, 2 size items, 3 untagged (position, not asked for)
+  return [("colour",)] * 10 + [("shape",)] * 10 + [("size",)] * 2 + [("position",)] * 3
+
+
+def tally(pool, indices):
+  out = {}
+  for i in indices:
+    for s in pool[i]:
+      out[s] = out.get(s, 0) + 1
+  return out
+
+
+def test_select_by_skills_allocation_and_spill():
+  pool, profile = toy_pool(), {"colour": 0.4, "shape": 0.4, "size": 0.2}
+  got = retrieve.select_by_skills(pool, profile, 10, seed=0)
+  assert got.dtype == np.int64 and len(set(got.tolist())) == 10
+  assert tally(pool, got) == {"colour": 4, "shape": 4, "size": 2}
+  # size has only 2 items: its other 2 go to colour and shape by weight
+  got = retrieve.select_by_skills(pool, profile, 20, seed=0)
+  assert len(set(got.tolist())) == 20 and tally(pool, got) == {"colour": 9, "shape": 9, "size": 2}
+  # the tagged items run out: the rest comes from the remaining pool
+  got = retrieve.select_by_skills(pool, {"size": 1.0}, 5, seed=0)
+  assert len(set(got.tolist())) == 5 and set(got[:2].tolist()) == {20, 21}
+  got = retrieve.select_by_skills(pool, {}, 7, seed=0)  # no gap: uniform
+  assert len(set(got.tolist())) == 7
+  assert len(retrieve.select_by_skills(pool, profile, 0, seed=0)) == 0
+  with pytest.raises(ValueError) as e:
+    retrieve.select_by_skills(pool, profile, 26, seed=0)
+  one_line_error(e, "26", "25")
+
+
+def test_select_by_skills_no_duplicates_and_seeds():
+  rng = np.random.default_rng(0)
+  pool = [tuple(rng.choice(shapes.SKILLS, size=rng.integers(1, 4), replace=False)) for _ in range(200)]
+  profile = {"colour": 0.5, "temporal_order": 0.3, "count": 0.2}
+  a = retrieve.select_by_skills(pool, profile, 60, seed=1)
+  assert len(a) == 60 and len(set(a.tolist())) == 60
+  assert np.array_equal(a, retrieve.select_by_skills(pool, profile, 60, seed=1))
+  assert not np.array_equal(a, retrieve.select_by_skills(pool, profile, 60, seed=2))
+  full = retrieve.select_by_skills(pool, profile, 200, seed=1)
+  assert sorted(full.tolist()) == list(range(200))
+  ex = retrieve.select_by_skills(pool, profile, 50, seed=1, exclude=a.tolist())
+  assert len(set(ex.tolist())) == 50 and not set(ex.tolist()) & set(a.tolist())
+
+
+def test_nearest_neighbours_matches_numpy():
+  rng = np.random.default_rng(0)
+  query, pool = rng.normal(size=(5, 8)), rng.normal(size=(37, 8))
+  cos = (query / np.linalg.norm(query, axis=1, keepdims=True)) @ (pool / np.linalg.norm(pool, axis=1, keepdims=True)).T
+  for k, chunk in ((6, 8), (37, 5), (1, 100), (4, 37)):
+    scores, idx = retrieve.nearest_neighbours(query, pool, k, chunk=chunk)
+    want = np.argsort(-cos, axis=1, kind="stable")[:, :k]
+    assert np.array_equal(np.asarray(idx), want), (k, chunk)
+    np.testing.assert_allclose(np.asarray(scores), np.take_along_axis(cos, want, 1), atol=1e-5)
+  with pytest.raises(ValueError) as e:
+    retrieve.nearest_neighbours(query, pool, 38)
+  one_line_error(e, "38", "37")
+
+
+def one_hot_pool():
+  # 4 groups of 3 along the axes; item 3g + j is e_g + 0.1 j e_{g+1}: within a group the
+  # cosine to e_g falls with j, so every neighbour list is known
+  pool = np.zeros((12, 4), np.float32)
+  for i in range(12):
+    g, j = divmod(i, 3)
+    pool[i, g] = 1.0
+    pool[i, (g + 1) % 4] = 0.1 * j
+  return pool
+
+
+def test_select_by_embedding_round_robin():
+  pool, eye = one_hot_pool(), np.eye(4, dtype=np.float32)
+  failed = eye[[0, 2]]
+  assert retrieve.select_by_embedding(failed, pool, 4).tolist() == [0, 6, 1, 7]
+  assert retrieve.select_by_embedding(failed, pool, 7).tolist() == [0, 6, 1, 7, 2, 8, 11]
+  # four identical queries exhaust their short lists: deepened, same as one query's ranking
+  got = retrieve.select_by_embedding(eye[[0, 0, 0, 0]], pool, 8, chunk=5)
+  assert got.tolist() == [0, 1, 2, 11, 10, 3, 4, 5]
+  assert sorted(retrieve.select_by_embedding(failed, pool, 12).tolist()) == list(range(12))
+  with pytest.raises(ValueError) as e:
+    retrieve.select_by_embedding(failed, pool, 13)
+  one_line_error(e, "13", "12")
+
+
+def test_select_mix():
+  pool_emb, eye = one_hot_pool(), np.eye(4, dtype=np.float32)
+  pool_skills = [("colour",)] * 6 + [("shape",)] * 6
+  profile = {"colour": 0.5, "shape": 0.5}
+  got = retrieve.select(pool_skills, pool_emb, eye[[0]], profile, 6, seed=0, mix=0.5)
+  assert got[:3].tolist() == [0, 1, 2]  # by embedding (round(0.5 * 6) = 3)
+  assert len(set(got.tolist())) == 6 and not set(got[3:].tolist()) & {0, 1, 2}
+  assert np.array_equal(got, retrieve.select(pool_skills, pool_emb, eye[[0]], profile, 6, seed=0, mix=0.5))
+  assert len(retrieve.select(pool_skills, pool_emb, eye[[0]], profile, 5, seed=0, mix=0.5)) == 5
+  got = retrieve.select(pool_skills, pool_emb, eye[[0]], profile, 12, seed=3, mix=0.25)
+  assert got[:3].tolist() == [0, 1, 2] and sorted(got.tolist()) == list(range(12))
+  only_skills = retrieve.select(pool_skills, pool_emb, np.zeros((0, 4)), profile, 4, seed=0)
+  assert np.array_equal(only_skills, retrieve.select_by_skills(pool_skills, profile, 4, seed=0))
+  assert np.array_equal(retrieve.select(pool_skills, None, None, profile, 4, seed=0, mix=0.0), only_skills)
+  a = retrieve.select(pool_skills, pool_emb, eye[[0]], profile, 8, seed=0, mix=0.25)
+  b = retrieve.select(pool_skills, pool_emb, eye[[0]], profile, 8, seed=1, mix=0.25)
+  assert not np.array_equal(a, b) and np.array_equal(a[:2], b[:2])
+  with pytest.raises(ValueError) as e:
+    retrieve.select(pool_skills, pool_emb, eye[[0]], profile, 20, seed=0)
+  one_line_error(e, "20", "12")
+  with pytest.raises(ValueError, match="mix"):
+    retrieve.select(pool_skills, pool_emb, eye[[0]], profile, 4, mix=1.5)
+
+
+def test_select_random():
+  a = retrieve.select_random(100, 30, seed=0)
+  assert len(set(a.tolist())) == 30 and a.min() >= 0 and a.max() < 100
+  assert np.array_equal(a, retrieve.select_random(100, 30, seed=0))
+  assert not np.array_equal(a, retrieve.select_random(100, 30, seed=1))
+  with pytest.raises(ValueError) as e:
+    retrieve.select_random(10, 11, seed=0)
+  one_line_error(e, "11", "10")
+  with pytest.raises(ValueError, match="integer"):
+    retrieve.select_random(10, 2.5)
+
+
+def test_selection_file(tmp_path):
+  path = tmp_path / "sel" / "selection.json"
+  retrieve.write_selection(path, np.array([5, 3, 9]), {"method": "skills", "budget": 3})
+  idx, meta = retrieve.read_selection(path)
+  assert idx.tolist() == [5, 3, 9] and idx.dtype == np.int64 and meta == {"method": "skills", "budget": 3}
+  retrieve.write_selection(path, [1], None)  # replaced whole
+  assert retrieve.read_selection(path)[0].tolist() == [1]
+  assert os.listdir(path.parent) == ["selection.json"]  # no temporary file left
+  assert json.loads(path.read_text())["indices"] == [1]
+  (tmp_path / "bad.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match="not a selection"):
+    retrieve.read_selection(tmp_path / "bad.json")
