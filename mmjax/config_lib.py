@@ -113,28 +113,52 @@ def hf_llama_config(config):
                              lora_dropout=config.lora.dropout)
 
 
+def vit_config(config):
+  """The vision tower's `ViTConfig`: from `config.vision`, or from the config.json of
+  `config.init_vision_from_hf` (a CLIP / SigLIP directory), keeping the run's numerics and
+  memory settings (dtype, param_dtype, remat, attention) and the LoRA scale."""
+  from mmjax.models import vit
+  lora = dict(lora_alpha=config.lora.alpha, lora_rslora=config.lora.rslora, lora_dropout=config.lora.dropout)
+  if config.init_vision_from_hf:
+    from mmjax.convert import llama as convert_llama
+    from mmjax.convert import vision as convert_vision
+    try:
+      cfg = convert_vision.vit_config_from_hf(convert_llama.read_json(config.init_vision_from_hf, "config.json"))
+    except ValueError as e:
+      raise ConfigError(f"config.init_vision_from_hf={config.init_vision_from_hf!r}: {e}") from None
+    v = config.vision
+    return dataclasses.replace(cfg, dtype=v.dtype, param_dtype=v.param_dtype, remat=v.remat, attention=v.attention,
+                               **lora)
+  v = config.vision.to_dict()
+  v["layer_scale"] = v["layer_scale"] or None
+  v.update(lora)
+  return vit.ViTConfig.from_dict(v)
+
+
 def model_from_config(config, tokenizer):
   """(model module, model config, visual token counts) from the run config.
 
   `visual_tokens` maps 'image'/'video' to placeholder counts for the data pipeline
-  (None for text-only models).
+  (None for text-only models and the ViSFT model).
   """
   from mmjax.models.llama import Llama
+  if config.model.name == "visft":
+    from mmjax.models import heads
+    from mmjax.train import visft
+    cfg = visft.task_config(config, tokenizer)
+    return heads.VisionTaskModel(cfg), cfg, None
   if config.init_from_hf:
     llm = hf_llama_config(config)
   else:
     llm = llama_config(config.model, tokenizer.vocab_size, config.lora)
   if config.model.name == "llama":
     return Llama(llm), llm, None
-  from mmjax.models import vit, vlm
-  v = config.vision.to_dict()
-  v["layer_scale"] = v["layer_scale"] or None
-  v.update(lora_alpha=config.lora.alpha, lora_rslora=config.lora.rslora, lora_dropout=config.lora.dropout)
+  from mmjax.models import vlm
   if getattr(tokenizer, "image_id", None) is None:
     raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} has no '<image>' token, which a VLM needs")
   x = config.vlm
   cfg = vlm.VLMConfig(
-      vision=vit.ViTConfig.from_dict(v), llm=llm, projector=x.projector,
+      vision=vit_config(config), llm=llm, projector=x.projector,
       projector_hidden=x.projector_hidden or None, image_token_id=tokenizer.image_id,
       max_frames=x.max_frames, temporal_pool=x.temporal_pool, feature=x.feature, feature_layer=x.feature_layer)
   size = config.data.image_size
@@ -159,12 +183,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   c = ml_collections.ConfigDict()
   c.seed = 0  # init, dropout and data order all derive from it
-  c.objective = "sft"  # the loss: 'sft' or 'dpo'
+  c.objective = "sft"  # the loss: 'sft', 'dpo' or 'visft'
   c.model = model_config_dict()
   c.vision = vision_config_dict()  # the vision tower, when model.name == 'vlm'
   c.vlm = vlm_config_dict()
   c.init_from_hf = ""  # a local HF LLaMA/Mistral/Qwen2 directory: its config.json replaces the model
   #                      sizes in config.model (dtype/remat/attention stay) and its weights the init
+  c.init_vision_from_hf = ""  # a local HF CLIP / SigLIP directory: its vision tower replaces config.vision's
+  #                             sizes and init (VLM and ViSFT; dtype/remat/attention stay)
+  c.visft = visft_config_dict()  # ViSFT heads and task weights (model.name / objective 'visft')
   c.lora = ml_collections.ConfigDict(dict(
       targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",  # regex over module paths; '' = none
       rank=8,
@@ -211,6 +238,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def visft_config_dict() -> ml_collections.ConfigDict:
+  """`config.visft`, see `mmjax.train.visft.config_dict`."""
+  from mmjax.train import visft
+  return visft.config_dict()
+
+
 def dpo_config_dict() -> ml_collections.ConfigDict:
   """`config.dpo`: the DPO objective and where its pairs come from."""
   return ml_collections.ConfigDict(dict(
@@ -230,10 +263,10 @@ def dpo_config_dict() -> ml_collections.ConfigDict:
 
 
 CHOICES = {
-    "objective": ("sft", "dpo"),
+    "objective": ("sft", "dpo", "visft"),
     "dpo.loss_type": ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "apo_zero"),
     "dpo.reference": ("adapter_base", "precomputed"),
-    "model.name": ("llama", "vlm"),
+    "model.name": ("llama", "vlm", "visft"),
     "vlm.projector": ("linear", "mlp2"),
     "vlm.feature": ("patches", "all", "pooled"),
     "model.dtype": tuple(llama.DTYPES),
@@ -351,10 +384,16 @@ def _validate_one(config, n_devices, process_count, abstract_params) -> None:
       raise ConfigError(f"config.{path}={value!r} must be > 0")
   if config.objective == "dpo":
     _validate_dpo(config)
+  if (config.objective == "visft") != (config.model.name == "visft"):
+    raise ConfigError(f"config.objective={config.objective!r} with config.model.name={config.model.name!r}: "
+                      "the 'visft' objective and the 'visft' model (a ViT with task heads) go together")
+  if config.objective == "visft":
+    from mmjax.train import visft
+    visft.validate(config)
   if not 0.0 <= config.lora.dropout < 1.0:
     raise ConfigError(f"config.lora.dropout={config.lora.dropout!r} must be in [0, 1)")
   m = config.model
-  if m.n_heads % m.n_kv_heads:
+  if config.model.name != "visft" and m.n_heads % m.n_kv_heads:
     raise ConfigError(f"config.model.n_heads={m.n_heads} must be a multiple of config.model.n_kv_heads={m.n_kv_heads}")
   if m.head_dim % 2:
     raise ConfigError(f"config.model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)")

@@ -31,7 +31,7 @@ import numpy as np
 from mmjax.data import sources, tokenizer as tokenizer_lib
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-SOURCES = ("generated", "jsonl", "arrayrecord", "tfds", "shapes")
+SOURCES = ("generated", "jsonl", "arrayrecord", "tfds", "shapes", "coco")
 SHAPES_TASKS = ("image_caption", "vqa", "video_caption")
 MEDIA_FIELDS = ("images", "frames")
 
@@ -39,14 +39,15 @@ MEDIA_FIELDS = ("images", "frames")
 def default_data_config() -> ml_collections.ConfigDict:
   """`config.data`: where records come from and how they become batches."""
   return ml_collections.ConfigDict(dict(
-      source="generated",  # 'generated' | 'jsonl' | 'arrayrecord' | 'tfds'
+      source="generated",  # 'generated' | 'jsonl' | 'arrayrecord' | 'tfds' | 'shapes' | 'coco'
       task="reverse",  # generated task: reverse | add | sort | copy
       train_path="",  # jsonl/arrayrecord: file, comma-separated files or glob
       eval_path="",  # same; '' = no eval set
       tfds_name="",  # e.g. 'my_dataset:1.0.0' (already prepared in tfds_data_dir)
       tfds_data_dir="",  # '' = TFDS default
-      train_split="train",  # tfds split for training
-      eval_split="",  # tfds split for eval; '' = no eval set
+      train_split="train",  # tfds / coco split for training (coco: e.g. 'train2017')
+      eval_split="",  # tfds / coco split for eval; '' = no eval set
+      coco_root="",  # coco: the directory with annotations/instances_SPLIT.json and SPLIT/ images
       text_key="text",  # record field with plain text (loss on all tokens)
       prompt_key="prompt",  # record field with the prompt (no loss)
       response_key="response",  # record field with the response (loss)
@@ -105,6 +106,14 @@ def validate_data_config(data_cfg) -> None:
           sources.expand_paths(c[key])
         except ValueError as e:
           raise _bad(key, c[key], str(e)) from None
+  elif c.source == "coco":
+    for key in ("train_split", "eval_split"):
+      split = c[key]
+      if split and not os.path.isfile(os.path.join(str(c.coco_root), "annotations", f"instances_{split}.json")):
+        raise _bad("coco_root", c.coco_root, f"expected {os.path.join(str(c.coco_root), 'annotations', f'instances_{split}.json')} "
+                   f"(data.{key}={split!r})")
+    if c.packing:
+      raise _bad("packing", c.packing, "packing is not supported with images; set it to False")
   elif c.source == "tfds":
     if not c.tfds_name:
       raise _bad("tfds_name", c.tfds_name, "data.source='tfds' needs a dataset name")
@@ -301,8 +310,11 @@ def _open_source(data_cfg, split: str):
 
 def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, tokenizer,
                        process_index: int = 0, process_count: int = 1,
-                       visual_tokens: dict | None = None) -> grain.IterDataset:
-  """The infinite train `IterDataset` of local batches (see the module docstring)."""
+                       visual_tokens: dict | None = None, example_fn=None) -> grain.IterDataset:
+  """The infinite train `IterDataset` of local batches (see the module docstring).
+
+  `example_fn(record) -> dict of arrays` replaces the tokenizing of records (an objective
+  with other batch fields, e.g. ViSFT's images and detection targets)."""
   validate_data_config(data_cfg)
   local = _local_batch(global_batch, process_index, process_count)
   seed = int(seed) % 2**32
@@ -313,7 +325,9 @@ def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, 
   ds = ds.repeat()[process_index::process_count]  # this process reads only its rows
   # Tokenizing is cheap next to a train step: no reader threads unless workers are asked for.
   read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-  if data_cfg.packing:
+  if example_fn is not None:
+    it = ds.map(example_fn).batch(local, drop_remainder=True).to_iter_dataset(read)
+  elif data_cfg.packing:
     ds = ds.map(functools.partial(_tokenize_unpadded, tokenizer=tokenizer, seq_len=seq_len))
     it = grain.experimental.FirstFitPackIterDataset(
         ds.to_iter_dataset(read),
@@ -336,31 +350,43 @@ def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, 
 
 def make_train_iterator(data_cfg, *, global_batch: int, seq_len: int, seed: int, tokenizer,
                         process_index: int = 0, process_count: int = 1,
-                        visual_tokens: dict | None = None) -> grain.DatasetIterator:
+                        visual_tokens: dict | None = None, example_fn=None) -> grain.DatasetIterator:
   """An endless iterator of local batches (dicts of int32 [global_batch // process_count,
   seq_len] arrays) with `get_state()` / `set_state()` for exact resume."""
   return iter(make_train_dataset(data_cfg, global_batch=global_batch, seq_len=seq_len, seed=seed,
                                  tokenizer=tokenizer, process_index=process_index,
-                                 process_count=process_count, visual_tokens=visual_tokens))
+                                 process_count=process_count, visual_tokens=visual_tokens,
+                                 example_fn=example_fn))
+
+
+def _blank(example: dict) -> dict:
+  return dict(example, loss_mask=np.zeros_like(example["loss_mask"]))
 
 
 def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
                       process_index: int = 0, process_count: int = 1,
-                      visual_tokens: dict | None = None) -> list[dict]:
-  """Every eval record once, in order, as local batches of `batch // process_count` rows.
+                      visual_tokens: dict | None = None, example_fn=None, blank=None,
+                      limit: int = 0) -> list[dict]:
+  """Every eval record once (the first `limit` when > 0), in order, as local batches of
+  `batch // process_count` rows.
 
   `batch` is the global eval batch; process p holds rows p, p+P, ... of each global batch.
-  The last global batch is filled with copies of record 0 whose loss_mask is all 0, so
-  every process has the same number of equally shaped batches. [] when there is no eval set.
+  The last global batch is filled with `blank(example 0)` (default: record 0 with an all-0
+  loss_mask), so every process has the same number of equally shaped batches. [] when there
+  is no eval set. `example_fn` as in `make_train_dataset`.
   """
   validate_data_config(data_cfg)
   local = _local_batch(batch, process_index, process_count)
   source = _open_source(data_cfg, "eval")
   if source is None:
     return []
-  ds = grain.MapDataset.source(source).map(
-      functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len,
-                        visual_tokens=visual_tokens, image_size=data_cfg.image_size))
+  fn = example_fn or functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len,
+                                       visual_tokens=visual_tokens, image_size=data_cfg.image_size)
+  ds = grain.MapDataset.source(source)
+  if limit:
+    ds = ds[:limit]
+  ds = ds.map(fn)
+  blank = blank or _blank
   n = len(ds)
   n_batches = -(-n // batch)
   filler = None
@@ -372,7 +398,7 @@ def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
         rows.append(ds[i])
       else:
         if filler is None:
-          filler = dict(ds[0], loss_mask=np.zeros(seq_len, np.int32))
+          filler = blank(ds[0])
         rows.append(filler)
     assert len(rows) == local
     out.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})

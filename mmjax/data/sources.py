@@ -296,6 +296,11 @@ def make_source(data_cfg, split: str):
     cfg = shapes.ShapesConfig(image_size=data_cfg.image_size, max_objects=data_cfg.max_objects,
                               video_frames=data_cfg.video_frames)
     return shapes.ShapesSource(data_cfg.task, size, seed=0 if train else 1, split=split, cfg=cfg) if size > 0 else None
+  if data_cfg.source == "coco":
+    from mmjax.data import coco
+    split_name = data_cfg.train_split if train else data_cfg.eval_split
+    return coco.CocoSource(data_cfg.coco_root, split_name, data_cfg.image_size, data_cfg.max_objects) \
+        if split_name else None
   if data_cfg.source in ("jsonl", "arrayrecord"):
     path = data_cfg.train_path if train else data_cfg.eval_path
     if not path:
@@ -307,4 +312,5 @@ def make_source(data_cfg, split: str):
     if not tfds_split:
       return None
     return TfdsSource(data_cfg.tfds_name, tfds_split, data_cfg.tfds_data_dir, **keys)
-  raise ValueError(f"data.source={data_cfg.source!r} is unknown; valid: generated, jsonl, arrayrecord, tfds")
+  raise ValueError(f"data.source={data_cfg.source!r} is unknown; valid: generated, jsonl, arrayrecord, tfds, "
+                   "shapes, coco")

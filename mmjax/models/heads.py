@@ -244,7 +244,7 @@ def _project(module, c, tokens, grid, deterministic):
     raise ValueError(f"heads: {tokens.shape[1]} patch tokens do not fill a {gh}x{gw} grid "
                      "(drop the class token first)")
   m = c.norm("input_norm")(tokens.astype(c.compute_dtype))
-  m = c.dense(c.d_model, ("embed", "embed"), "input_proj")(m, deterministic)
+  m = c.dense(c.d_model, ("embed", None), "input_proj")(m, deterministic)
   return nn.with_logical_constraint(m, layers.ACT_BTD), sincos_2d(gh, gw, c.d_model)
 
 
@@ -265,7 +265,7 @@ class SegmentationHead(nn.Module):
     pix = c.dense(c.mask_dim, ("embed", "mask"), "pixel_proj")(pix, deterministic).reshape(b, gh, gw, c.mask_dim)
     if c.upsample > 1:
       pix = jax.image.resize(pix, (b, gh * c.upsample, gw * c.upsample, c.mask_dim), "bilinear")
-    pix = c.dense(c.mask_dim, ("mask", "mask"), "pixel_out")(jax.nn.gelu(pix, approximate=False), deterministic)
+    pix = c.dense(c.mask_dim, ("mask", None), "pixel_out")(jax.nn.gelu(pix, approximate=False), deterministic)
     e = jax.nn.relu(c.dense(queries.shape[-1], ("embed", "mlp"), "mask_fc1")(queries.astype(c.compute_dtype),
                                                                             deterministic))
     e = c.dense(c.mask_dim, ("mlp", "mask"), "mask_fc2")(e, deterministic)

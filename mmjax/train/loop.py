@@ -31,13 +31,14 @@ from mmjax.train import state as state_lib
 from mmjax.train import step as step_lib
 from mmjax.train.dpo import DPO
 from mmjax.train.sft import SFT
+from mmjax.train.visft import ViSFT
 
 
 class NonFiniteLoss(RuntimeError):
   """Training produced a NaN/Inf loss; nothing from that step was saved."""
 
 
-OBJECTIVES = {"sft": SFT, "dpo": DPO}
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "visft": ViSFT}
 
 
 @dataclasses.dataclass
@@ -80,15 +81,16 @@ class Run:
 
 
 def _param_logical_axes(model, dummy):
-  boxed = jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0), dummy)
+  boxed = jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.key(0), *dummy)
   return sharding.logical_axes_tree(boxed["params"]), nn.meta.unbox(boxed["params"])
 
 
 def init_variables(rng, model, dummy, lora_cfg, params=None) -> dict:
-  """Base params (given, or random) and, when `lora_cfg.targets` is set, a fresh adapter."""
+  """Base params (given, or random from `model.init(rng, *dummy)`) and, when
+  `lora_cfg.targets` is set, a fresh adapter."""
   p_rng, l_rng = jax.random.split(rng)
   if params is None:
-    params = nn.meta.unbox(model.init(p_rng, dummy)["params"])
+    params = nn.meta.unbox(model.init(p_rng, *dummy)["params"])
   variables = {"params": params}
   if lora_cfg.targets:
     variables["lora"] = lora_lib.init(l_rng, params, lora_cfg.targets, lora_cfg.rank)
@@ -106,7 +108,7 @@ def build(config, mesh, tokenizer) -> Run:
   cls = OBJECTIVES[config.objective]
   media = config_lib.media_fields(config)
   objective = cls.from_config(config, model, media) if hasattr(cls, "from_config") else cls(model, media=media)
-  dummy = jnp.zeros((1, config.seq_len), jnp.int32)
+  dummy = _init_args(objective, config)
   param_names, abstract_params = _param_logical_axes(model, dummy)
   config_lib.check_targets(config, abstract_params)
 
@@ -153,10 +155,28 @@ def build(config, mesh, tokenizer) -> Run:
       in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
   eval_step = jax.jit(in_ctx(functools.partial(step_lib.eval_step, objective=objective)),
                       in_shardings=(state_sh, batch_sh), out_shardings=repl)
-  flops, flops_ex = _flops(model_cfg, config, abstract_params, patterns, visual_tokens)
+  if config.objective == "visft":
+    flops, flops_ex = 0.0, _visft_flops(model_cfg, config, abstract_params, patterns)
+  else:
+    flops, flops_ex = _flops(model_cfg, config, abstract_params, patterns, visual_tokens)
   return Run(config, mesh, rules, model_cfg, model, objective, tx, schedule, init_state, abstract_state,
              state_sh, batch_sh, train_step, eval_step, flops, flops_ex, init_from_params, merged_params,
              abstract_params, visual_tokens)
+
+
+def _init_args(objective, config) -> tuple:
+  """Dummy inputs for `model.init`: one token row, unless the objective feeds other inputs."""
+  if hasattr(objective, "init_args"):
+    return objective.init_args(config)
+  return (jnp.zeros((1, config.seq_len), jnp.int32),)
+
+
+def random_params(run: Run, rng) -> dict:
+  """The model's seeded random params, created directly in their shardings (call under
+  `jax.set_mesh(run.mesh)`)."""
+  dummy = _init_args(run.objective, run.config)
+  init = _in_context(lambda r: nn.meta.unbox(run.model.init(r, *dummy)["params"]), run.mesh, run.rules)
+  return jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, run.abstract_params))(rng)
 
 
 def _in_context(fn, mesh, rules):
@@ -199,6 +219,47 @@ def _flops(model_cfg, config, abstract_params, patterns, visual_tokens) -> tuple
   frames = config.data.video_frames if "frames" in config_lib.media_fields(config) else 1
   per_patch = count("vision/", 2 * patches, vcfg)  # x2: bidirectional attention (count() halves for causal) + count("projector/", 0, dataclasses.replace(vcfg, n_layers=0))
   return per_token, per_patch * patches * frames
+
+
+def _visft_flops(cfg, config, abstract_params, patterns) -> float:
+  """Analytic training FLOPs per image of a ViT with task heads: the tower as in `_flops`,
+  and each head kernel applied to the tokens it sees (patches, queries, mask pixels or
+  caption tokens), plus the heads' attention score and value matmuls."""
+  flat = traverse_util.flatten_dict(abstract_params, sep="/")
+  lora_targets = set(lora_lib.target_paths(abstract_params, config.lora.targets)) if config.lora.targets else set()
+  v = cfg.vision
+  grid = config.data.image_size // v.patch_size
+  patches = grid * grid
+  q = cfg.detection.num_queries if cfg.detection is not None else 0
+  hw = (grid * cfg.segmentation.upsample) ** 2 if cfg.segmentation is not None else 0
+  length = config.seq_len
+
+  def uses(path):  # tokens a head kernel is applied to
+    if "/input_proj/" in path or "/cross_attn/k_proj/" in path or "/cross_attn/v_proj/" in path \
+        or "/pixel_norm/" in path or "/pixel_proj/" in path:
+      return patches
+    if "/pixel_out/" in path:
+      return hw
+    return length if path.startswith("heads/caption/") else q
+
+  total = 0.0
+  for p, x in flat.items():
+    if not (p.endswith("kernel") and len(x.shape) == 2):
+      continue
+    n = patches + int(v.class_token) if p.startswith("vision/") else uses(p)
+    total += 2.0 * x.shape[0] * x.shape[1] * n * (2 + state_lib.is_trainable("params/" + p, patterns))
+    if p[:-len("/kernel")] in lora_targets:
+      total += 6.0 * config.lora.rank * (x.shape[0] + x.shape[1]) * n
+  tokens = patches + int(v.class_token)
+  total += 3 * 2 * 2 * tokens * tokens * v.n_heads * v.head_dim * v.n_layers  # bidirectional tower attention
+  for head, t in (("detection", q), ("caption", length)):
+    c = getattr(cfg, head)
+    if c is not None:
+      width = c.n_heads * c.head_dim
+      total += 3 * 2 * 2 * t * (t / (2 if head == "caption" else 1) + patches) * width * c.n_layers
+  if cfg.segmentation is not None:
+    total += 3 * 2 * q * hw * cfg.segmentation.mask_dim
+  return total
 
 
 def evaluate(run: Run, state, batches) -> dict:
@@ -256,15 +317,18 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
   pidx, pcount = jax.process_index(), jax.process_count()
 
   is_dpo = config.objective == "dpo"
+  extra_eval = getattr(run.objective, "extra_eval", None)  # task metrics beyond the loss (ViSFT)
   if is_dpo:  # pairs come from the stage's starting policy (online) or a file; built below
     train_iter, eval_batches = None, []
   else:
+    data_fns = run.objective.data_fns(config, tokenizer) if hasattr(run.objective, "data_fns") else {}
     train_iter = pipeline.make_train_iterator(
         config.data, global_batch=config.batch_size, seq_len=config.seq_len, seed=config.seed,
-        process_index=pidx, process_count=pcount, tokenizer=tokenizer, visual_tokens=run.visual_tokens)
+        process_index=pidx, process_count=pcount, tokenizer=tokenizer, visual_tokens=run.visual_tokens,
+        example_fn=data_fns.get("example_fn"))
     eval_batches = pipeline.make_eval_batches(
         config.data, batch=config.eval_batch_size, seq_len=config.seq_len, tokenizer=tokenizer,
-        process_index=pidx, process_count=pcount, visual_tokens=run.visual_tokens)
+        process_index=pidx, process_count=pcount, visual_tokens=run.visual_tokens, **data_fns)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   writer = metrics_lib.MetricsWriter(workdir, config.steps)
@@ -275,6 +339,8 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
     """Loss metrics on the eval batches, plus generation metrics when sample_eval asks."""
     out = evaluate(run, state, eval_batches)
     answers = []
+    if extra_eval is not None:
+      out.update(extra_eval(run, state.variables, config, tokenizer))
     if gen_records:
       gen, answers = generation.evaluate_generation(
           run, state.variables, tokenizer, gen_records, max_new_tokens=config.sample_eval.max_new_tokens,

@@ -46,9 +46,28 @@ def _leaves(cfg, prefix=""):
 
 
 def _import_hf(config, run):
+  """Base params of a first stage with `init_from_hf` (the language model) and/or
+  `init_vision_from_hf` (the vision tower of a VLM or ViSFT model); parts not imported
+  (projector, heads) keep their seeded random init."""
   from mmjax.convert import llama as convert_llama
-  _, params = convert_llama.import_hf(config.init_from_hf, mesh=run.mesh, rules=run.rules,
-                                      dtype=config.model.param_dtype)
+  from mmjax.convert import vision as convert_vision
+  if config.model.name == "llama":
+    _, params = convert_llama.import_hf(config.init_from_hf, mesh=run.mesh, rules=run.rules,
+                                        dtype=config.model.param_dtype)
+    return params
+  with jax.set_mesh(run.mesh):
+    params = dict(loop.random_params(run, jax.random.key(config.seed)))
+  if config.init_from_hf:
+    _, params["llm"] = convert_llama.import_hf(config.init_from_hf, mesh=run.mesh, rules=run.rules,
+                                               dtype=config.model.param_dtype)
+  if config.init_vision_from_hf:
+    _, params["vision"] = convert_vision.import_hf_vision(config.init_vision_from_hf, mesh=run.mesh, rules=run.rules,
+                                                          dtype=config.vision.param_dtype)
+  want = jax.tree.map(lambda x: (x.shape, x.dtype), run.abstract_params)
+  got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+  if want != got:
+    raise ValueError("imported Hugging Face weights do not fit the model the config builds "
+                     "(check config.vision / config.model dtypes against the checkpoint)")
   return params
 
 
@@ -72,7 +91,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if base is None:
         raise ValueError(f"config.stages.{name}.init_from_stage={start_from!r} names no earlier stage; "
                          f"earlier stages: {', '.join(finals) or 'none'}")
-    elif cfg.init_from_hf:
+    elif cfg.init_from_hf or cfg.init_vision_from_hf:
       base = "hf"
     done = os.path.join(sdir, "done.json")
     if os.path.exists(done):  # finished before a restart: load its result, don't retrain
@@ -118,10 +137,38 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
+def _write_vision_dirs(workdir, cfg, run, state):
+  """A ViSFT run's tower, adapter merged: WORKDIR/vision (an mmjax vision directory, see
+  `mmjax.convert.vision`) and, when the tower came from a Hugging Face CLIP / SigLIP
+  directory, WORKDIR/vision_hf in that family's format."""
+  from mmjax import lora as lora_lib
+  from mmjax.convert import llama as convert_llama
+  from mmjax.convert import vision as convert_vision
+  path = os.path.join(workdir, "vision")
+  if os.path.exists(os.path.join(path, "params")):
+    return  # a finished run re-started keeps its first export
+  variables = state.variables
+  params = variables["params"]["vision"]
+  if "lora" in variables and "vision" in variables["lora"]:
+    params = lora_lib.merge(params, variables["lora"]["vision"], cfg.lora.alpha, cfg.lora.rslora)
+  vcfg = run.model_cfg.vision
+  hf, arch = None, None
+  if cfg.init_vision_from_hf:
+    hf = convert_llama.read_json(cfg.init_vision_from_hf, "config.json")
+    arch = convert_vision.architecture_of(hf)
+  convert_vision.save_dir(path, vcfg, params, hf_architecture=arch, hf_config=hf)
+  if arch is not None:
+    out = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[convert_vision.ARCHITECTURES[arch][0]]
+    convert_vision.export_hf_vision(os.path.join(workdir, "vision_hf"), vcfg, params, architecture=out,
+                                    dtype=vcfg.param_dtype)
+
+
 def _write_model_dir(path, cfg, run, state):
   """The final model as an mmjax model directory (base params + adapter) that
   `tools/convert_hf.py export --ckpt PATH` turns into a Hugging Face directory."""
   from mmjax.models.llama import LlamaConfig
+  if cfg.model.name == "visft":
+    return _write_vision_dirs(os.path.dirname(path), cfg, run, state)
   if not isinstance(run.model_cfg, LlamaConfig) or os.path.exists(os.path.join(path, "params")):
     return  # VLMs have no HF export yet; a finished run re-started keeps its first export
   from mmjax.convert import model_dir

@@ -1,0 +1,191 @@
+"""ViSFT evaluation: in-domain task metrics of the heads and out-of-domain probes of the tower.
+
+In-domain, on the first `visft.eval_examples` held-out images:
+  det_map50, det_map       COCO box mAP@0.5 and mAP@[.5:.95] (`mmjax.evals.detection`)
+  mask_iou                 mean IoU of the masks of Hungarian-matched queries
+  cap_exact_match          greedy captions equal to the truth; on shapes also cap_missing,
+                           cap_hallucination (atomic facts, `mmjax.evals.captions`)
+Out-of-domain, on frozen tower features (mean of the patch tokens), never trained on:
+  probe_count_acc          ridge classifier of the number of objects in the image
+  probe_retrieval_r1 / r5  image-to-text recall through a ridge map to bag-of-words captions
+
+Each probe is fitted on `visft.probe_train_examples` train images and scored on
+`visft.probe_eval_examples` held-out images; both lists are fixed, so before/after numbers of
+a stage compare the same images.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import detection as det
+from mmjax.data import pipeline, sources
+from mmjax.evals import captions, probes
+from mmjax.evals import detection as det_eval
+from mmjax.models import heads
+
+
+def _host(x) -> np.ndarray:
+  """A (possibly sharded, possibly multi-host) array as one numpy array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _fns(run):
+  """Jitted eval functions of a run, built once per run."""
+  cache = run.__dict__.setdefault("_visft_eval", {})
+  if cache:
+    return cache
+  from mmjax.train import loop
+  objective, model = run.objective, run.model
+  in_ctx = functools.partial(loop._in_context, mesh=run.mesh, rules=run.rules)
+
+  def forward(variables, batch):
+    out = objective.outputs(variables, batch)
+    res = {}
+    if "detection" in out:
+      res.update(logits=out["detection"]["logits"], boxes=out["detection"]["boxes"])
+      res["tgt_idx"], res["matched"] = objective.match(out, batch)
+    if "masks" in out:
+      res["masks"] = out["masks"]
+    return res
+
+  def features(variables, images):
+    tokens = model.apply(variables, images, method=heads.VisionTaskModel.encode)
+    return jnp.mean(tokens.astype(jnp.float32), axis=1)
+
+  cache["forward"] = jax.jit(in_ctx(forward))
+  cache["features"] = jax.jit(in_ctx(features))
+  if run.model_cfg.caption is not None:
+    tok = run.__dict__["_visft_tokenizer"]
+    start = tok.bos_id if tok.bos_id is not None else tok.pad_id
+    cache["caption"] = jax.jit(in_ctx(functools.partial(
+        heads.greedy_caption, model, bos_id=start, eos_id=tok.eos_id, pad_id=tok.pad_id,
+        max_len=run.config.seq_len)))
+  return cache
+
+
+def _records(data_cfg, split: str, n: int) -> list[dict]:
+  source = sources.make_source(data_cfg, split)
+  if source is None or n <= 0:
+    return []
+  return [source[i] for i in range(min(n, len(source)))]
+
+
+def _batches(records, batch: int):
+  """Fixed-size chunks (the last padded with copies of its first record) and real counts."""
+  for start in range(0, len(records), batch):
+    real = records[start:start + batch]
+    yield real + [real[0]] * (batch - len(real)), len(real)
+
+
+def _decode(tokenizer, ids) -> str:
+  ids = list(ids)
+  if tokenizer.eos_id in ids:
+    ids = ids[:ids.index(tokenizer.eos_id)]
+  return tokenizer.decode([i for i in ids if i != tokenizer.pad_id])
+
+
+def task_metrics(run, variables, config, tokenizer) -> dict:
+  """mAP, mask IoU and caption metrics of the heads on held-out images (see module doc)."""
+  v, data = config.visft, config.data
+  records = _records(data, "eval", v.eval_examples)
+  if not records:
+    return {}
+  run.__dict__["_visft_tokenizer"] = tokenizer
+  fns = _fns(run)
+  cfg = run.model_cfg
+  make = run.objective.example_fn(config, tokenizer)
+  size = data.image_size
+  dets, gts, cap_scores, exact = [], [], [], []
+  iou_sum, iou_count = 0.0, 0
+  batch = config.eval_batch_size
+  for chunk, n_real in _batches(records, batch):
+    examples = [make(r) for r in chunk]
+    local = {k: np.stack([e[k] for e in examples]) for k in run.objective.batch_fields}
+    gb = _global(run, local)
+    if cfg.detection is not None:
+      out = {k: _host(x)[:n_real] for k, x in fns["forward"](variables, gb).items()}
+      dets += det_eval.detections_from_outputs(out["logits"], out["boxes"], (size, size))
+      tgt = local["tgt_valid"][:n_real] > 0
+      xyxy = det.box_cxcywh_to_xyxy(local["tgt_boxes"][:n_real]) * size
+      gts += det_eval.ground_truths_from_targets(xyxy, local["tgt_classes"][:n_real], tgt)
+      if cfg.segmentation is not None:
+        m = det_eval.matched_mask_iou(out["masks"], local["tgt_masks"][:n_real], out["tgt_idx"], out["matched"])
+        iou_sum, iou_count = iou_sum + m["iou_sum"], iou_count + m["count"]
+    if cfg.caption is not None:
+      ids = _host(fns["caption"](variables, gb["images"]))[:n_real]
+      for r, row in zip(chunk[:n_real], ids):
+        text = _decode(tokenizer, row)
+        exact.append(float(text.strip() == r.get("caption", "").strip()))
+        if r.get("facts"):
+          cap_scores.append(captions.caption_metrics(text, r["facts"], "image"))
+  out = {}
+  if cfg.detection is not None:
+    m = det_eval.detection_map(dets, gts, cfg.detection.num_classes)
+    out.update(det_map50=m["map50"], det_map=m["map"])
+    if cfg.segmentation is not None:
+      out["mask_iou"] = iou_sum / iou_count if iou_count else float("nan")
+  if cfg.caption is not None:
+    out["cap_exact_match"] = float(np.mean(exact))
+    if cap_scores:
+      agg = captions.aggregate(cap_scores)
+      out.update(cap_missing=agg["missing"], cap_hallucination=agg["hallucination"])
+  return out
+
+
+def _global(run, local: dict) -> dict:
+  """Places a batch that every process holds whole (eval chunks are built identically on
+  each process) as global arrays: each process contributes its rows p, p+P, ..."""
+  p, n = jax.process_index(), jax.process_count()
+  return run.global_batch({k: x[p::n] for k, x in local.items()})
+
+
+def tower_features(run, variables, images: np.ndarray, batch: int) -> np.ndarray:
+  """[N, D] mean patch-token features of the tower for float images [N, S, S, 3]."""
+  fns = _fns(run)
+  out = []
+  for start in range(0, len(images), batch):
+    real = images[start:start + batch]
+    chunk = np.concatenate([real, np.repeat(real[:1], batch - len(real), axis=0)]) if len(real) < batch else real
+    p, n = jax.process_index(), jax.process_count()
+    x = jax.make_array_from_process_local_data(
+        run.batch_sharding if chunk.ndim == 2 else _image_sharding(run), chunk[p::n])
+    out.append(_host(fns["features"](variables, x))[:len(real)])
+  return np.concatenate(out)
+
+
+def _image_sharding(run):
+  from mmjax import sharding
+  return sharding.batch_sharding(run.mesh, run.rules, 4)
+
+
+def probe_metrics(run, variables, config) -> dict:
+  """Count classification and image-to-text retrieval probes on frozen tower features."""
+  v, data = config.visft, config.data
+  train = _records(data, "train", v.probe_train_examples)
+  test = _records(data, "eval", v.probe_eval_examples)
+  if not train or not test:
+    return {}
+  load = lambda recs: np.stack([pipeline.load_image(r["image"], data.image_size) for r in recs])
+  xtr = tower_features(run, variables, load(train), config.eval_batch_size)
+  xte = tower_features(run, variables, load(test), config.eval_batch_size)
+  count = lambda recs: np.asarray([len(r["classes"]) for r in recs])
+  out = {"probe_count_acc": probes.classification_probe(
+      xtr, count(train), xte, count(test), num_classes=data.max_objects + 1, l2=v.probe_ridge)}
+  if all(r.get("caption") for r in train + test):
+    rec = probes.retrieval_probe(xtr, [r["caption"] for r in train], xte, [r["caption"] for r in test],
+                                 l2=v.probe_ridge)
+    out.update(probe_retrieval_r1=rec["r1"], probe_retrieval_r5=rec["r5"])
+  return out
+
+
+def extra_eval(run, variables, config, tokenizer) -> dict:
+  out = task_metrics(run, variables, config, tokenizer)
+  out.update(probe_metrics(run, variables, config))
+  return out
