@@ -23,6 +23,11 @@ def tiny_config(**overrides):
   c.log_every = 1
   c.checkpoint_every = 2
   c.optimizer.update(lr=1e-2, warmup_steps=1)
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(c, overrides: dict):
+  """Sets dotted keys ('lora.rank': 8) on a config; returns it."""
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")

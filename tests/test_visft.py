@@ -16,7 +16,7 @@ from mmjax.data.tokenizer import load_tokenizer
 from mmjax.evals import probes
 from mmjax.train import loop, visft
 
-from helpers import ROOT, run_main
+from helpers import ROOT, apply_overrides, run_main
 
 TOWER_LORA = r"vision/layers_\d+/(self_attn/(q_proj|k_proj|v_proj|out_proj)|mlp/(fc1|fc2))"
 
@@ -30,11 +30,11 @@ def tiny_visft(**overrides):
                   attention="xla")
   c.visft.update(d_model=28, n_layers=1, n_heads=4, head_dim=7, mlp_dim=44, num_queries=4, mask_dim=12,
                  mask_upsample=2, eval_examples=8, probe_train_examples=24, probe_eval_examples=16)
-  c.data.update(source="shapes", task="image_caption", image_size=32, max_objects=3, num_train_examples=512,
+  c.data.update(source="shapes", task="image_caption", image_size=32, max_objects=2, num_train_examples=512,
                 num_eval_examples=8)
   c.lora.update(targets="", rank=4, alpha=8.0)
   c.trainable = ("params/heads/.*",)
-  c.seq_len = 72
+  c.seq_len = 40  # longer captions are truncated
   c.batch_size = 8
   c.eval_batch_size = 8
   c.steps = 3
@@ -42,13 +42,7 @@ def tiny_visft(**overrides):
   c.log_every = 1
   c.checkpoint_every = 100
   c.optimizer.update(lr=3e-3, warmup_steps=1)
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return apply_overrides(c, overrides)
 
 
 def _batches(config, run, n):
@@ -59,7 +53,7 @@ def _batches(config, run, n):
 
 
 def _train(config, mesh, params=None, n=3):
-  """(losses, first state's variables, last state's variables) of n steps."""
+  """(run, losses, first variables, last variables, last state) of n steps."""
   tok = load_tokenizer(config.data.tokenizer)
   run = loop.build(config, mesh, tok)
   with jax.set_mesh(mesh):
@@ -76,15 +70,32 @@ def _flat(tree):
   return traverse_util.flatten_dict(tree, sep="/")
 
 
-def test_batch_fields_and_shapes():
+STAGE2 = {"lora.targets": TOWER_LORA, "trainable": ("lora/vision/.*",)}
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  """Stage 1 (heads) from a random init, then stage 2 (tower LoRA) from its result, on 1 device."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  s1 = _train(tiny_visft(), mesh)
+  run, state = s1[0], s1[4]
+  with jax.set_mesh(mesh):
+    stage1 = jax.device_get(run.merged_params(state))
+    # stage 1's final params on stage 1's first batch (eval mode: the tiny config has no dropout)
+    sums = run.eval_step(state, run.global_batch(_batches(tiny_visft(), run, 1)[0]))
+    loss_at_stage1 = float(sums["loss"] / sums["normaliser"])
+  s2 = _train(tiny_visft(**STAGE2), mesh, params=stage1)
+  return dict(mesh=mesh, s1=s1, s2=s2, stage1=stage1, loss_at_stage1=loss_at_stage1)
+
+
+def test_batch_fields_and_shapes(one_device):
   config = tiny_visft()
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  run = loop.build(config, mesh, load_tokenizer("builtin"))
+  run = one_device["s1"][0]
   b = _batches(config, run, 1)[0]
   assert set(b) == set(run.objective.batch_fields)
   assert b["images"].shape == (8, 32, 32, 3) and b["images"].dtype == np.float32
-  assert b["tgt_boxes"].shape == (8, 3, 4) and b["tgt_masks"].shape == (8, 3, 8, 8)  # 4x4 grid x upsample 2
-  assert b["caption_tokens"].shape == (8, 72) and b["example_weight"].shape == (8, 1)
+  assert b["tgt_boxes"].shape == (8, 2, 4) and b["tgt_masks"].shape == (8, 2, 8, 8)  # 4x4 grid x upsample 2
+  assert b["caption_tokens"].shape == (8, 40) and b["example_weight"].shape == (8, 1)
   # boxes are normalised cxcywh inside the image; every real object has a (soft) mask
   valid = b["tgt_valid"] > 0
   assert ((b["tgt_boxes"][valid] > 0) & (b["tgt_boxes"][valid] <= 1)).all()
@@ -92,14 +103,18 @@ def test_batch_fields_and_shapes():
   # the caption row decodes back to the caption, starting from bos
   tok = load_tokenizer("builtin")
   row = b["caption_targets"][0][b["caption_mask"][0] > 0]
-  assert tok.decode(list(row[:-1])).startswith("a ") and row[-1] == tok.eos_id
+  assert tok.decode(list(row)).startswith("a ")
   assert b["caption_tokens"][0, 0] == tok.bos_id
+  short = visft.caption_row("a red square.", tok, 40)
+  n = int(short["caption_mask"].sum())
+  assert tok.decode(list(short["caption_targets"][:n - 1])) == "a red square."
+  assert short["caption_targets"][n - 1] == tok.eos_id
+  cut = visft.caption_row("a red square.", tok, 6)  # bos + 5 characters, no room for eos
+  assert cut["caption_mask"].sum() == 6 and tok.decode(list(cut["caption_targets"])) == "a red "
 
 
-def test_stage1_trains_heads_only_stage2_only_tower_lora():
-  config = tiny_visft()
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  run, losses, first, last, state = _train(config, mesh)
+def test_stage1_trains_heads_only_stage2_only_tower_lora(one_device):
+  _, losses, first, last, _ = one_device["s1"]
   assert all(np.isfinite(losses))
   f0, f1 = _flat(first["params"]), _flat(last["params"])
   changed = {p for p in f0 if not np.array_equal(f0[p], f1[p])}
@@ -108,10 +123,7 @@ def test_stage1_trains_heads_only_stage2_only_tower_lora():
     if p.startswith("vision/"):
       np.testing.assert_array_equal(f0[p], f1[p])  # bit-identical tower
 
-  with jax.set_mesh(mesh):
-    stage1 = run.merged_params(state)
-  config2 = tiny_visft(**{"lora.targets": TOWER_LORA, "trainable": ("lora/vision/.*",)})
-  _, losses2, first2, last2, _ = _train(config2, mesh, params=stage1)
+  _, losses2, first2, last2, _ = one_device["s2"]
   g0, g1 = _flat(first2["params"]), _flat(last2["params"])
   for p in g0:
     np.testing.assert_array_equal(g0[p], g1[p])  # heads and tower base weights bit-identical
@@ -119,29 +131,27 @@ def test_stage1_trains_heads_only_stage2_only_tower_lora():
   assert all(p.startswith("vision/") for p in l0)
   assert sum(p.endswith("/b") and not np.array_equal(l0[p], l1[p]) for p in l0) == len(l0) // 2  # every b moved
   # a fresh adapter changes nothing: stage 2 starts at stage 1's loss on the same batch
-  np.testing.assert_allclose(losses2[0], _train(config, mesh, params=stage1, n=1)[1][0], rtol=1e-6)
+  np.testing.assert_allclose(losses2[0], one_device["loss_at_stage1"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("stage", ["heads", "lora"])
-def test_8_devices_match_1_device(stage):
+def test_8_devices_match_1_device(stage, one_device):
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 (fake) devices")
-  over = {} if stage == "heads" else {"lora.targets": TOWER_LORA, "trainable": ("lora/vision/.*",)}
-  one = _train(tiny_visft(**over), sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))[1]
+  over = {} if stage == "heads" else STAGE2
+  params = None if stage == "heads" else one_device["stage1"]
   config = tiny_visft(**over, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-  eight = _train(config, sharding.make_mesh(config.mesh, jax.devices()[:8]))[1]
+  eight = _train(config, sharding.make_mesh(config.mesh, jax.devices()[:8]), params=params)[1]
+  one = one_device["s1" if stage == "heads" else "s2"][1]
   np.testing.assert_allclose(eight, one, rtol=1e-5)
 
 
-def test_eval_metrics_and_flops():
+def test_eval_metrics_and_flops(one_device):
   config = tiny_visft()
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  tok = load_tokenizer("builtin")
-  run = loop.build(config, mesh, tok)
+  run, state = one_device["s1"][0], one_device["s1"][4]
   assert run.flops_per_step() > 0 and run.flops_per_token == 0.0
-  with jax.set_mesh(mesh):
-    state = run.init_state(jax.random.key(0))
-    out = run.objective.extra_eval(run, state.variables, config, tok)
+  with jax.set_mesh(one_device["mesh"]):
+    out = run.objective.extra_eval(run, state.variables, config, load_tokenizer("builtin"))
   for key in ("det_map50", "det_map", "mask_iou", "cap_exact_match", "cap_missing", "cap_hallucination",
               "probe_count_acc", "probe_retrieval_r1", "probe_retrieval_r5"):
     assert key in out and np.isfinite(out[key]), key
@@ -192,7 +202,7 @@ def test_classification_and_retrieval_probes():
     ({"data.source": "generated"}, "data.source='generated' is not valid for objective 'visft'"),
     ({"data.task": "vqa"}, "data.task='vqa' is not valid for objective 'visft'"),
     ({"visft.detection": False}, "segmentation=True needs config.visft.detection=True"),
-    ({"visft.num_queries": 2}, "num_queries=2 must be >= config.data.max_objects=3"),
+    ({"visft.num_queries": 1}, "num_queries=1 must be >= config.data.max_objects=2"),
     ({"visft.w_caption": -1.0}, "w_caption=-1.0 must be >= 0"),
     ({"data.image_size": 36}, "image_size=36 must be a multiple of config.vision.patch_size=8"),
     ({"data.source": "coco"}, "data.source='coco' needs the COCO root directory"),
@@ -285,7 +295,8 @@ def test_clip_coco_config_on_8_devices_abstractly(tmp_path):
 @pytest.mark.slow
 def test_shapes_visft_recipe_end_to_end(tmp_path):
   args = ["--config", "configs/shapes_visft.py:scale=0.01,eval=8,probe=32", "--config.visft.probe_eval_examples=16",
-          "--config.data.num_eval_examples=16", "--workdir", str(tmp_path)]
+          "--config.data.num_eval_examples=16", "--config.data.max_objects=2", "--config.seq_len=40",
+          "--config.vision.n_layers=2", "--config.eval_batch_size=16", "--workdir", str(tmp_path)]
   r = run_main(args)
   assert r.returncode == 0, r.stderr[-3000:]
   results = json.load(open(tmp_path / "results.json"))

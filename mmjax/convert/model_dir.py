@@ -82,6 +82,14 @@ def load(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[LlamaCo
   meta = read_meta(path)
   cfg = LlamaConfig.from_dict(meta["model"])
   shapes, names = convert_llama.param_specs(cfg)
+  params, lora = restore_variables(path, shapes, names, mesh, rules)
+  return cfg, params, lora, meta
+
+
+def restore_variables(path: str, shapes: dict, names: dict, mesh, rules) -> tuple[dict, dict | None]:
+  """(params, lora or None) of PATH/params and PATH/lora, each leaf restored into the
+  sharding its logical names give on `mesh`. shapes / names: flat {path: ShapeDtypeStruct}
+  and {path: logical axes} of the params; the adapter's shapes come from its own metadata."""
   ckpt = ocp.StandardCheckpointer()
   params = ckpt.restore(os.path.join(path, "params"), _target(shapes, names, mesh, rules))
   lora = None
@@ -95,4 +103,4 @@ def load(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[LlamaCo
         lora_lib.logical_axes(kernel_names, traverse_util.unflatten_dict(lshapes, sep="/")), sep="/",
         is_leaf=lambda _, x: isinstance(x, tuple))
     lora = ckpt.restore(os.path.join(path, "lora"), _target(lshapes, lnames, mesh, rules))
-  return cfg, params, lora, meta
+  return params, lora

@@ -344,8 +344,7 @@ def save_dir(path: str, cfg: ViTConfig, params: dict, lora: dict | None = None, 
 
 def load_dir(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[ViTConfig, dict, dict | None, dict]:
   """(cfg, params, lora or None, meta) from a vision model directory, placed on `mesh`."""
-  import orbax.checkpoint as ocp
-  from mmjax.convert.model_dir import _target
+  from mmjax.convert import model_dir
   path = os.path.abspath(path)
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.exists(file):
@@ -356,17 +355,5 @@ def load_dir(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[ViT
     raise ValueError(f"{file}: format={meta.get('format')!r} is not supported; supported: {FORMAT}")
   cfg = ViTConfig.from_dict(meta["model"])
   shapes, names = param_specs(cfg)
-  ckpt = ocp.StandardCheckpointer()
-  params = ckpt.restore(os.path.join(path, "params"), _target(shapes, names, mesh, rules))
-  lora = None
-  if os.path.isdir(os.path.join(path, "lora")):
-    saved = ckpt.metadata(os.path.join(path, "lora"))
-    saved = getattr(saved, "item_metadata", saved)
-    flat = traverse_util.flatten_dict(dict(saved.tree) if hasattr(saved, "tree") else saved, sep="/")
-    kernel_names = {p: n for p, n in names.items() if p.endswith("/kernel")}
-    lshapes = {p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for p, m in flat.items()}
-    lnames = traverse_util.flatten_dict(
-        lora_lib.logical_axes(kernel_names, traverse_util.unflatten_dict(lshapes, sep="/")), sep="/",
-        is_leaf=lambda _, x: isinstance(x, tuple))
-    lora = ckpt.restore(os.path.join(path, "lora"), _target(lshapes, lnames, mesh, rules))
+  params, lora = model_dir.restore_variables(path, shapes, names, mesh, rules)
   return cfg, params, lora, meta

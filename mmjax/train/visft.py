@@ -184,10 +184,11 @@ def example_fn(cfg, *, tokenizer, seq_len: int, image_size: int, max_objects: in
 
 def caption_row(caption: str, tokenizer, seq_len: int) -> dict:
   """Teacher-forcing row of a caption: tokens = [start] + ids, targets = ids + [eos], all int32
-  [seq_len] (pad after the end, mask 1 on targets). `start` is the tokenizer's bos, or its pad
-  id when it has none, so greedy decoding always has a first token (`heads.greedy_caption`)."""
+  [seq_len] (pad after the end, mask 1 on targets; a caption too long for seq_len is cut and
+  has no eos, as in `pipeline.tokenize_example`). `start` is the tokenizer's bos, or its pad id
+  when it has none, so greedy decoding always has a first token (`heads.greedy_caption`)."""
   start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id
-  ids = [start] + list(tokenizer.encode(caption))[:seq_len - 1] + [tokenizer.eos_id]
+  ids = ([start] + list(tokenizer.encode(caption)) + [tokenizer.eos_id])[:seq_len + 1]
   n = len(ids) - 1
   out = {k: np.full(seq_len, tokenizer.pad_id, np.int32) for k in ("caption_tokens", "caption_targets")}
   out["caption_tokens"][:n] = ids[:-1]
