@@ -251,7 +251,10 @@ def dpo_config_dict() -> ml_collections.ConfigDict:
       loss_type="sigmoid",  # sigmoid | hinge | ipo | robust | bco_pair | apo_zero
       label_smoothing=0.0,  # sigmoid / robust; robust needs [0, 0.5)
       gt_weight=0.0,  # weight of the SFT (NLL) term on the ground-truth response (TRL's rpo_alpha)
-      reference="adapter_base",  # 'adapter_base' (the policy without its adapter) or 'precomputed'
+      reference="adapter_base",  # 'adapter_base' (the policy without its adapter), 'precomputed' (log-probs
+      #                            stored with the pairs) or 'copy' (full-parameter training: a separate copy)
+      ref_update_every=0,  # 'copy': refresh the copy with the policy every K steps; 0 = keep the stage's start
+      ref_ema=0.0,  # 'copy': instead move it each step as ref <- ref_ema * ref + (1 - ref_ema) * policy; 0 = off
       online=False,  # sample pairs from the stage's starting policy (else data.train_path holds pairs)
       num_prompts=64,  # online: train prompts sampled per round
       num_candidates=4,  # online: candidates sampled per prompt
@@ -265,7 +268,7 @@ def dpo_config_dict() -> ml_collections.ConfigDict:
 CHOICES = {
     "objective": ("sft", "dpo", "visft"),
     "dpo.loss_type": ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "apo_zero"),
-    "dpo.reference": ("adapter_base", "precomputed"),
+    "dpo.reference": ("adapter_base", "precomputed", "copy"),
     "model.name": ("llama", "vlm", "visft"),
     "vlm.projector": ("linear", "mlp2"),
     "vlm.feature": ("patches", "all", "pooled"),
@@ -437,7 +440,21 @@ def _validate_dpo(config) -> None:
     raise ConfigError(f"config.dpo.gt_weight={d.gt_weight!r} must be >= 0")
   if d.reference == "adapter_base" and not config.lora.targets:
     raise ConfigError("config.dpo.reference='adapter_base' needs an adapter (config.lora.targets is empty); "
-                      "use reference='precomputed' for full-parameter training")
+                      "use reference='copy' or 'precomputed' for full-parameter training")
+  if d.reference == "copy" and config.lora.targets:
+    raise ConfigError(f"config.dpo.reference='copy' keeps a second copy of the weights for full-parameter "
+                      f"training, but config.lora.targets={config.lora.targets!r} adds an adapter; use "
+                      "reference='adapter_base' with LoRA, or set lora.targets=''")
+  if not 0.0 <= d.ref_ema < 1.0:
+    raise ConfigError(f"config.dpo.ref_ema={d.ref_ema!r} must be in [0, 1)")
+  if d.ref_update_every < 0:
+    raise ConfigError(f"config.dpo.ref_update_every={d.ref_update_every!r} must be >= 0")
+  if d.ref_ema > 0 and d.ref_update_every > 0:
+    raise ConfigError(f"config.dpo.ref_ema={d.ref_ema!r} and config.dpo.ref_update_every={d.ref_update_every!r} "
+                      "both move the reference; set one of them to 0")
+  if d.reference != "copy" and (d.ref_ema > 0 or d.ref_update_every > 0):
+    raise ConfigError(f"config.dpo.ref_ema / ref_update_every move a reference copy, but config.dpo.reference="
+                      f"{d.reference!r}; use reference='copy'")
   if d.online:
     for key in ("num_prompts", "num_candidates", "max_new_tokens"):
       if not d[key] > 0:

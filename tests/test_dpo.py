@@ -242,3 +242,90 @@ def test_mrdpo_recipe_shortened_runs_end_to_end(tmp_path, capsys):
   assert (tmp_path / "stages" / "rebirth" / "distill.jsonl").exists()
   assert (tmp_path / "loss_curves.png").exists()
   assert {"missing", "hallucination", "repetition", "gen_exact_match"} <= set(saved["rebirth"]["eval_after"])
+
+
+def _copy_config(path, **dpo):
+  c = _dpo_config(path, **{"lora.targets": "", "trainable": ("params/.*",), "optimizer.lr": 3e-2,
+                           "optimizer.warmup_steps": 0})
+  c.dpo.update(reference="copy", **dpo)
+  return c
+
+
+@pytest.mark.parametrize("mode", ["fixed", "every_2", "ema"])
+def test_full_parameter_reference_copy(tmp_path, mode):
+  """reference='copy': a second params tree in TrainState.aux, equal to the policy at the start
+  (first sigmoid loss log 2), then kept, refreshed every K steps, or moved as an EMA."""
+  dpo_keys = {"fixed": {}, "every_2": {"ref_update_every": 2}, "ema": {"ref_ema": 0.5}}[mode]
+  c = _copy_config(_pairs_file(tmp_path / "p.jsonl"), **dpo_keys)
+  mesh, run, it = _setup(c)
+  batches = [run.global_batch(next(it)) for _ in range(3)]
+  with jax.set_mesh(mesh):
+    state = run.init_state(jax.random.key(0))
+    start = jax.device_get(state.variables["params"])
+    assert set(state.aux) == {"ref"} and not state.frozen
+    losses, policies, refs = [], [], []
+    for b in batches:
+      state, m = run.train_step(state, b, jax.random.key(1))
+      losses.append(float(m["dpo_loss"]))
+      policies.append(jax.device_get(state.variables["params"]))
+      refs.append(jax.device_get(state.aux["ref"]))
+  assert abs(losses[0] - math.log(2)) < 1e-6
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  if mode == "fixed":
+    for r in refs:
+      same(r, start)
+  elif mode == "every_2":
+    same(refs[0], start)
+    same(refs[1], policies[1])  # refreshed after step 2
+    same(refs[2], policies[1])
+  else:
+    want = start
+    for p, r in zip(policies, refs):
+      want = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, want, p)
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), r, want)
+  assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(policies[-1]), jax.tree.leaves(start)))
+
+
+def test_reference_copy_resumes_exactly(tmp_path, monkeypatch):
+  """The reference copy is checkpointed with the state: stopped after step 2 and resumed, a
+  run refreshing its reference every 3 steps gives the same losses bit for bit."""
+  c = _copy_config(_pairs_file(tmp_path / "p.jsonl"), ref_update_every=3)
+  c.steps, c.checkpoint_every = 5, 100
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+
+  def losses(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+  loop.train_stage(c, str(tmp_path / "ref"), mesh, TOK)
+  calls = {"n": 0}
+
+  def stop_after_two(self):
+    calls["n"] += 1
+    return calls["n"] == 2
+
+  monkeypatch.setattr(loop._StopFlag, "requested", stop_after_two)
+  cut = loop.train_stage(c, str(tmp_path / "cut"), mesh, TOK)
+  assert cut["preempted"]
+  monkeypatch.undo()
+  again = loop.train_stage(c, str(tmp_path / "cut"), mesh, TOK)
+  assert again["start_step"] == 2
+  assert losses(tmp_path / "cut") == losses(tmp_path / "ref")
+
+
+def test_reference_copy_config_errors(tmp_path):
+  path = _pairs_file(tmp_path / "p.jsonl")
+  cases = [
+      (dict(reference="copy"), {"lora.targets": r".*q_proj"}, "reference='copy' keeps a second copy"),
+      (dict(reference="copy", ref_ema=1.0), {}, r"ref_ema=1.0 must be in \[0, 1\)"),
+      (dict(reference="copy", ref_ema=0.5, ref_update_every=2), {}, "set one of them to 0"),
+      (dict(reference="precomputed", ref_update_every=2), {}, "use reference='copy'"),
+  ]
+  for dpo_keys, over, match in cases:
+    c = _copy_config(path)
+    c.dpo.update(**dpo_keys)
+    for k, v in over.items():
+      c.lora.targets = v
+    with pytest.raises(config_lib.ConfigError, match=match) as e:
+      config_lib.validate(c, 1)
+    assert "\n" not in str(e.value)

@@ -1,7 +1,7 @@
 """Checkpoints through Orbax: `WORKDIR/checkpoints/<step>/{state, data}`.
 
-A checkpoint holds the trainable variables, the optimizer state, the step and the Grain
-iterator state; the frozen base is rebuilt from its source (seeded init or a Hugging Face
+A checkpoint holds the trainable variables, the optimizer state, the step, the objective's
+own state (`TrainState.aux`, e.g. DPO's reference copy) and the Grain iterator state; the frozen base is rebuilt from its source (seeded init or a Hugging Face
 directory) and is not re-saved every step. Step directories are finalised atomically by
 Orbax, so a run killed mid-save restarts from the last complete step.
 """
@@ -15,7 +15,10 @@ import orbax.checkpoint as ocp
 
 
 def _saved(state) -> dict:
-  return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state}
+  out = {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state}
+  if state.aux:  # objective state the step changes (DPO's reference copy)
+    out["aux"] = state.aux
+  return out
 
 
 class Checkpointer:
@@ -52,7 +55,8 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     saved = restored["state"]
-    return abstract_state.replace(step=saved["step"], trainable=saved["trainable"], opt_state=saved["opt_state"])
+    return abstract_state.replace(step=saved["step"], trainable=saved["trainable"], opt_state=saved["opt_state"],
+                                  aux=saved.get("aux", abstract_state.aux))
 
   def close(self):
     self.manager.wait_until_finished()

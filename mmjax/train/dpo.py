@@ -55,13 +55,16 @@ class DPO:
   loss_type: str = "sigmoid"
   label_smoothing: float = 0.0
   gt_weight: float = 0.0
-  reference: str = "adapter_base"  # or 'precomputed'
+  reference: str = "adapter_base"  # or 'precomputed' or 'copy'
+  ref_update_every: int = 0  # 'copy': refresh the reference with the policy every K steps (0 = never)
+  ref_ema: float = 0.0  # 'copy': or move it as ref <- ema * ref + (1 - ema) * policy each step
 
   @classmethod
   def from_config(cls, config, model, media=()):
     d = config.dpo
     return cls(model, tuple(media), beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
-               gt_weight=d.gt_weight, reference=d.reference)
+               gt_weight=d.gt_weight, reference=d.reference, ref_update_every=d.ref_update_every,
+               ref_ema=d.ref_ema)
 
   @property
   def row_prefixes(self) -> tuple[str, ...]:
@@ -77,12 +80,38 @@ class DPO:
   @property
   def flops_factor(self) -> float:
     """Training FLOPs per pair relative to one SFT row (a reference forward ~ 1/3 of a step)."""
-    return len(self.row_prefixes) + (2 / 3 if self.reference == "adapter_base" else 0.0)
+    return len(self.row_prefixes) + (2 / 3 if self.reference in ("adapter_base", "copy") else 0.0)
+
+  # A separate reference copy (full-parameter training): `TrainState.aux['ref']`, a params
+  # tree sharded like the params, starting equal to the stage's starting policy.
+  def init_aux(self, variables):
+    return {"ref": variables["params"]} if self.reference == "copy" else {}
+
+  def aux_names(self, param_names):
+    return {"ref": param_names} if self.reference == "copy" else {}
+
+  def update_aux(self, aux, variables, step):
+    """The reference after optimizer step `step` (1, 2, ...): an EMA of the policy, or the
+    policy itself every `ref_update_every` steps, or unchanged."""
+    if self.reference != "copy":
+      return aux
+    policy = variables["params"]
+    if self.ref_ema > 0:
+      e = self.ref_ema
+      ref = jax.tree.map(lambda r, p: (e * r.astype(jnp.float32) + (1 - e) * p.astype(jnp.float32)).astype(r.dtype),
+                         aux["ref"], policy)
+    elif self.ref_update_every > 0:
+      refresh = step % self.ref_update_every == 0
+      ref = jax.tree.map(lambda r, p: jnp.where(refresh, p, r), aux["ref"], policy)
+    else:
+      return aux
+    return {"ref": ref}
 
   def _forward(self, variables, batch, prefixes, rng, train):
     """Logits [len(prefixes) * B, T, V] of the rows of `prefixes`, one forward pass."""
     cat = lambda f: jnp.concatenate([batch[f"{p}_{f}"] for p in prefixes], axis=0)
     media = {k: jnp.concatenate([batch[k]] * len(prefixes), axis=0) for k in self.media}
+    variables = {k: v for k, v in variables.items() if k != "aux"}
     return self.model.apply(variables, cat("tokens"), cat("positions"), cat("segment_ids"),
                             deterministic=not train, rngs={"dropout": rng} if train else {}, **media)
 
@@ -102,6 +131,9 @@ class DPO:
   def reference_logps(self, variables, batch):
     if self.reference == "precomputed":
       return batch["ref_chosen_logps"][:, 0], batch["ref_rejected_logps"][:, 0]
+    if self.reference == "copy":
+      rc, rr = self.sequence_logps({"params": variables["aux"]["ref"]}, batch)
+      return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)
     # The policy without its adapter: the same base weights, no copy.
     rc, rr = self.sequence_logps({"params": variables["params"]}, batch)
     return jax.lax.stop_gradient(rc), jax.lax.stop_gradient(rr)

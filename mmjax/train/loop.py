@@ -117,7 +117,8 @@ def build(config, mesh, tokenizer) -> Run:
 
   def make_state(rng, params=None):
     variables = init_variables(rng, model, dummy, config.lora, params)
-    return state_lib.create_state(variables, patterns, tx)
+    aux = objective.init_aux(variables) if hasattr(objective, "init_aux") else {}
+    return state_lib.create_state(variables, patterns, tx, aux)
 
   def final_params(state):
     """The stage's result as plain params: the adapter (if any) merged into the base."""
@@ -138,7 +139,9 @@ def build(config, mesh, tokenizer) -> Run:
   frozen_sh = sharding.tree_shardings(shapes.frozen, frozen_names, mesh, rules)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, train_sh,
                                  transform_non_params=lambda _: repl)
-  state_sh = state_lib.TrainState(step=repl, trainable=train_sh, frozen=frozen_sh, opt_state=opt_sh)
+  aux_names = objective.aux_names(param_names) if hasattr(objective, "aux_names") else {}
+  aux_sh = sharding.tree_shardings(shapes.aux, aux_names, mesh, rules)
+  state_sh = state_lib.TrainState(step=repl, trainable=train_sh, frozen=frozen_sh, opt_state=opt_sh, aux=aux_sh)
   abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 shapes, state_sh)
   batch_sh = sharding.batch_sharding(mesh, rules)

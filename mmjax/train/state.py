@@ -22,6 +22,7 @@ class TrainState:
   trainable: dict  # the leaves that get gradients
   frozen: dict  # everything else (not donated to the optimizer, not re-saved every step)
   opt_state: Any
+  aux: dict  # objective-owned state updated by the step and checkpointed (DPO's reference copy), or {}
 
   @property
   def variables(self) -> dict:
@@ -83,7 +84,8 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
   return optax.chain(*parts), schedule
 
 
-def create_state(variables: dict, patterns: Sequence[str], tx: optax.GradientTransformation) -> TrainState:
+def create_state(variables: dict, patterns: Sequence[str], tx: optax.GradientTransformation,
+                 aux: dict | None = None) -> TrainState:
   trainable, frozen = split(variables, patterns)
   return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                    opt_state=tx.init(trainable))
+                    opt_state=tx.init(trainable), aux=aux or {})

@@ -28,7 +28,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective, tx,
   rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(trainable, micro, key):
-    loss_sum, norm, sums = objective.loss(merge_trees(trainable, state.frozen), micro, key, True)
+    loss_sum, norm, sums = objective.loss(_variables(trainable, state.frozen, state.aux), micro, key, True)
     return loss_sum, (norm, sums)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -57,11 +57,23 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective, tx,
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["normaliser"] = norm
   metrics["tokens"] = objective.tokens(batch)
-  new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+  aux = state.aux
+  if hasattr(objective, "update_aux"):  # e.g. DPO's reference copy, refreshed or averaged
+    aux = objective.update_aux(aux, merge_trees(trainable, state.frozen), state.step + 1)
+  new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, aux=aux)
   return new_state, metrics
+
+
+def _variables(trainable, frozen, aux):
+  """What an objective's loss sees: the model's variables, plus `aux` when there is one."""
+  variables = merge_trees(trainable, frozen)
+  if aux:
+    variables["aux"] = aux
+  return variables
 
 
 def eval_step(state: TrainState, batch: dict, *, objective):
   """Metric sums and the normaliser for one eval batch (divide after summing over batches)."""
-  _, norm, sums = objective.loss(state.variables, batch, jax.random.key(0), False)
+  _, norm, sums = objective.loss(_variables(state.trainable, state.frozen, state.aux), batch, jax.random.key(0),
+                                 False)
   return dict(sums, normaliser=norm)
