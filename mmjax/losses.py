@@ -39,9 +39,12 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "apo_zero")
 
 def sequence_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array,
                        average: bool = False) -> jax.Array:
-  """Sum (or mean, if `average`) of log p(target) over the masked positions of each row -> [B]."""
+  """Sum (or mean, if `average`) of log p(target) over the masked positions of each row -> [B].
+
+  The backward is hand-written (`_fused_row_logps`): it saves only the log-normaliser and
+  recomputes the softmax in one pass, as `fused_cross_entropy` does for SFT."""
   mask = mask.astype(jnp.float32)
-  total = jnp.sum(token_log_probs(logits, targets) * mask, axis=-1)
+  total = _fused_row_logps(logits, targets, mask)
   if average:
     return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
   return total
@@ -94,35 +97,40 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
   return losses, chosen_rewards, rejected_rewards
 
 
-def _masked_nll_sum(logits, targets, mask):
-  """(sum over mask of logsumexp - picked, logsumexp [B, T], picked [B, T], max [B, T])."""
+def _row_logps(logits, targets, mask):
+  """(per-row sum over mask of picked - logsumexp [B], logsumexp [B, T])."""
   logits = logits.astype(jnp.float32)
   mx = jnp.max(logits, axis=-1)
   lse = mx + jnp.log(jnp.sum(jnp.exp(logits - mx[..., None]), axis=-1))
   picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.sum((lse - picked) * mask), lse, picked, mx
+  return jnp.sum((picked - lse) * mask, axis=-1), lse
 
 
 @jax.custom_vjp
-def _fused_nll(logits, targets, mask):
-  return _masked_nll_sum(logits, targets, mask)[0]
+def _fused_row_logps(logits, targets, mask):
+  return _row_logps(logits, targets, mask)[0]
 
 
-def _fused_nll_fwd(logits, targets, mask):
-  total, lse, _, _ = _masked_nll_sum(logits, targets, mask)
-  return total, (logits, targets, mask, lse)
+def _fused_row_logps_fwd(logits, targets, mask):
+  rows, lse = _row_logps(logits, targets, mask)
+  return rows, (logits, targets, mask, lse)
 
 
-def _fused_nll_bwd(res, g):
+def _fused_row_logps_bwd(res, g):
   logits, targets, mask, lse = res
   vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
   onehot = vocab == targets[..., None].astype(jnp.int32)
   # One pass over [B, T, V]: softmax recomputed from the saved log-normaliser.
-  d = (jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * (g * mask)[..., None]
+  d = (onehot - jnp.exp(logits.astype(jnp.float32) - lse[..., None])) * (g[:, None] * mask)[..., None]
   return d.astype(logits.dtype), None, None
 
 
-_fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)
+_fused_row_logps.defvjp(_fused_row_logps_fwd, _fused_row_logps_bwd)
+
+
+def _fused_nll(logits, targets, mask):
+  """Sum over mask of -log p(target), with the one-pass backward of `_fused_row_logps`."""
+  return -jnp.sum(_fused_row_logps(logits, targets, mask))
 
 
 def fused_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

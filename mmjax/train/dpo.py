@@ -151,7 +151,7 @@ class DPO:
     sums = {"dpo_loss": dpo_sum}
     loss_sum = dpo_sum
     if self.gt_weight > 0:
-      nll, count = losses.cross_entropy(logits[2 * b:], batch["gt_targets"], batch["gt_mask"])
+      nll, count = losses.fused_cross_entropy(logits[2 * b:], batch["gt_targets"], batch["gt_mask"])
       gt_sum = nll / jnp.maximum(count, 1.0) * n_pairs  # token mean, weighted like the pair mean
       loss_sum = loss_sum + self.gt_weight * gt_sum
       sums["gt_nll"] = gt_sum
