@@ -45,3 +45,10 @@ def test_sample_mode_reports_tokens_per_second():
   r = bench.run_bench("tiny", mode="sample", steps=6, devices=jax.devices()[:1])
   assert r["mode"] == "sample" and r["new_tokens_per_s"] > 0 and r["recompiles"] == 0
   assert "new tokens/s" in bench.format_report(r)
+
+
+def test_dpo_mode_reports_ratios():
+  r = bench.run_bench("tiny", mode="dpo", steps=2, warmup=1, devices=jax.devices()[:1])
+  assert r["mode"] == "dpo" and r["sft_s"] > 0
+  assert r["ratio_adapter_base"] == r["dpo_adapter_base_s"] / r["sft_s"]
+  assert "DPO precomputed" in bench.format_report(r)

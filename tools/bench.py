@@ -1,6 +1,6 @@
 """Benchmarks of mmjax's real jitted functions on named shapes.
 
-  python tools/bench.py --shape bench_small [--mode train] [--steps N] [--warmup W] [--peak] [--out FILE]
+  python tools/bench.py --shape bench_small [--mode train|sample|dpo] [--steps N] [--warmup W] [--peak] [--out FILE]
 
 `--mode train` builds the train step through `mmjax.train.loop.build` (the function a run
 uses), feeds random token batches and reports: tokens/s (median over the timed steps
@@ -9,8 +9,10 @@ the measured matmul peak (`--peak` times a jitted f32 2048x2048 matmul once), pe
 (host RSS on CPU, device memory stats on accelerators), compile time (first call minus the
 median step) and the number of backend compiles after the first step (must be 0).
 
-Modes are entries of `MODES` (name -> function(config, args) -> report dict), so `sample`
-and `dpo` can be added next to `train`. Shapes are entries of `SHAPES`.
+`--mode sample` times KV-cache greedy generation; `--mode dpo` times DPO steps (adapter_base
+and precomputed reference) against an SFT step over the same tokens (`tools/bench_dpo.py`).
+Modes are entries of `MODES` (name -> function(config, args) -> report dict). Shapes are
+entries of `SHAPES`.
 """
 from __future__ import annotations
 
@@ -245,7 +247,15 @@ def _mode_sample(config, args, peak):
   return bench_sample(config, reps=max(args.steps // 3, 2), devices=args.devices)
 
 
-MODES = {"train": _mode_train, "sample": _mode_sample}  # later: 'dpo'
+def _mode_dpo(config, args, peak):
+  """DPO step time against an SFT step over the same tokens (see tools/bench_dpo.py)."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import bench_dpo
+  r = bench_dpo.bench(args.shape, args.steps, args.warmup)
+  return dict(mode="dpo", **{k: v for k, v in r.items() if k != "shape"})
+
+
+MODES = {"train": _mode_train, "sample": _mode_sample, "dpo": _mode_dpo}
 
 
 def environment() -> dict:
@@ -259,7 +269,7 @@ def environment() -> dict:
 def run_bench(shape: str, mode: str = "train", steps: int = 10, warmup: int = 2, peak: bool = False,
               devices=None) -> dict:
   """The whole report of one benchmark (what the CLI prints)."""
-  args = argparse.Namespace(steps=steps, warmup=warmup, devices=devices)
+  args = argparse.Namespace(steps=steps, warmup=warmup, devices=devices, shape=shape)
   peak_gflops = measure_matmul_peak() if peak else None
   config = make_config(shape, steps=warmup + steps + 1)
   report = dict(shape=shape, **MODES[mode](config, args, peak_gflops))
@@ -273,6 +283,13 @@ def run_bench(shape: str, mode: str = "train", steps: int = 10, warmup: int = 2,
 def format_report(r: dict) -> str:
   lines = [f"mmjax bench: shape={r['shape']} mode={r['mode']} on {r['env']['device_kind']} "
            f"({r['env']['backend']}, {r['env']['n_devices']} device(s))"]
+  if r["mode"] == "dpo":
+    lines.append(f"  SFT step          {r['sft_s'] * 1e3:.1f} ms")
+    lines.append(f"  DPO adapter_base  {r['dpo_adapter_base_s'] * 1e3:.1f} ms ({r['ratio_adapter_base']:.2f}x SFT, "
+                 "target <= 1.6x)")
+    lines.append(f"  DPO precomputed   {r['dpo_precomputed_s'] * 1e3:.1f} ms ({r['ratio_precomputed']:.2f}x SFT, "
+                 "target <= 1.1x)")
+    return "\n".join(lines)
   if r["mode"] == "sample":
     lines.append(f"  new tokens/s      {r['new_tokens_per_s']:.1f} (batch {r['batch']}, prompt {r['prompt_len']}, "
                  f"+{r['new_tokens']} tokens, greedy, KV cache)")
