@@ -225,9 +225,12 @@ def _flops(model_cfg, config, abstract_params, patterns, visual_tokens) -> tuple
 
 
 def _visft_flops(cfg, config, abstract_params, patterns) -> float:
-  """Analytic training FLOPs per image of a ViT with task heads: the tower as in `_flops`,
-  and each head kernel applied to the tokens it sees (patches, queries, mask pixels or
-  caption tokens), plus the heads' attention score and value matmuls."""
+  """Analytic training FLOPs per image of a ViT with task heads: every kernel applied to the
+  tokens it sees (tower: patches and class token; heads: patches, queries, mask pixels or
+  caption tokens), forward + activation gradient + weight gradient when trained, LoRA
+  factors, and the attention score and value matmuls. The tower's activation gradient is
+  counted even in ViSFT stage 1, where autodiff skips it (nothing below it trains), so
+  stage 1's TFLOP/s is an upper bound."""
   flat = traverse_util.flatten_dict(abstract_params, sep="/")
   lora_targets = set(lora_lib.target_paths(abstract_params, config.lora.targets)) if config.lora.targets else set()
   v = cfg.vision
