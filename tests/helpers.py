@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny run config with odd dims and synthetic batches."""
 import os
+import re
 import subprocess
 import sys
 
@@ -56,10 +57,18 @@ def synthetic_batches(n, batch, seq_len, vocab, seed=0):
   return out
 
 
-def run_main(args, env=None, timeout=600, devices=1):
+def subprocess_env(devices=1, **extra) -> dict:
+  """The environment of an `mmjax.main` process a test starts: the suite's XLA flags (see
+  conftest.py) with `devices` fake CPU devices."""
   e = dict(os.environ)
-  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", e.get("XLA_FLAGS", ""))
+  e["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   e["JAX_PLATFORMS"] = "cpu"
-  e.update(env or {})
+  e.update(extra)
+  return e
+
+
+def run_main(args, env=None, timeout=600, devices=1):
+  e = subprocess_env(devices, **(env or {}))
   return subprocess.run([sys.executable, "-m", "mmjax.main", *args], cwd=ROOT, env=e, capture_output=True,
                         text=True, timeout=timeout)

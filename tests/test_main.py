@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ROOT, run_main
+from helpers import ROOT, run_main, subprocess_env
 
 TINY = ["--config", "configs/default.py:steps=6", "--config.model.d_model=24", "--config.model.n_layers=2",
         "--config.model.n_heads=4", "--config.model.n_kv_heads=2", "--config.model.head_dim=6",
@@ -66,7 +66,7 @@ def test_exact_resume_after_sigkill(tmp_path):
   r = run_main(args + ["--workdir", str(ref_dir)])
   assert r.returncode == 0, r.stderr[-3000:]
 
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = subprocess_env(1)
   p = subprocess.Popen([sys.executable, "-m", "mmjax.main", *args, "--workdir", str(kill_dir)], cwd=ROOT, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = kill_dir / "checkpoints"
@@ -95,7 +95,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   args = TINY[:1] + ["configs/default.py:steps=100000"] + TINY[2:] + ["--config.checkpoint_every=100000"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = subprocess_env(1)
   p = subprocess.Popen([sys.executable, "-m", "mmjax.main", *args, "--workdir", str(tmp_path)], cwd=ROOT, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
