@@ -47,18 +47,23 @@ def _unsupported(field: str, value, supported: str):
   raise ValueError(f"config.json {field}={value!r} is not supported; supported: {supported}")
 
 
-def architecture_of(hf: dict) -> str:
-  """The HF class name of a config.json dict ('LlamaForCausalLM', ...)."""
+def find_architecture(hf: dict, architectures, model_types: dict) -> str:
+  """The first of config.json's `architectures` that is in `architectures`, else the class
+  `model_types` maps its `model_type` to; anything else is a one-line ValueError."""
   archs = hf.get("architectures") or []
   for a in archs:
-    if a in ARCHITECTURES:
+    if a in architectures:
       return a
   if archs:
-    _unsupported("architectures", archs, _SUPPORTED)
-  by_type = {v: k for k, v in ARCHITECTURES.items()}
-  if hf.get("model_type") in by_type:
-    return by_type[hf["model_type"]]
-  _unsupported("model_type", hf.get("model_type"), ", ".join(by_type))
+    _unsupported("architectures", archs, ", ".join(architectures))
+  if hf.get("model_type") in model_types:
+    return model_types[hf["model_type"]]
+  _unsupported("model_type", hf.get("model_type"), ", ".join(model_types))
+
+
+def architecture_of(hf: dict) -> str:
+  """The HF class name of a config.json dict ('LlamaForCausalLM', ...)."""
+  return find_architecture(hf, ARCHITECTURES, {v: k for k, v in ARCHITECTURES.items()})
 
 
 def _rope(hf: dict) -> tuple[float, dict | None]:

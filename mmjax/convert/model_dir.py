@@ -36,12 +36,7 @@ def save(path: str, cfg: LlamaConfig, params: dict, lora: dict | None = None, *,
          hf_architecture: str | None = None, hf_config: dict | None = None, hf_dir: str | None = None) -> None:
   """Writes a model directory (`path` must not hold params/ or lora/ yet)."""
   path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(path, "params"), params)
-  if lora is not None:
-    ckpt.save(os.path.join(path, "lora"), lora)
-  ckpt.wait_until_finished()
+  save_variables(path, params, lora)
   if jax.process_index() != 0:
     return
   meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "hf_architecture": hf_architecture,
@@ -84,6 +79,16 @@ def load(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[LlamaCo
   shapes, names = convert_llama.param_specs(cfg)
   params, lora = restore_variables(path, shapes, names, mesh, rules)
   return cfg, params, lora, meta
+
+
+def save_variables(path: str, params: dict, lora: dict | None = None) -> None:
+  """PATH/params (and PATH/lora) as Orbax PyTree checkpoints; every process calls this."""
+  os.makedirs(path, exist_ok=True)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(path, "params"), params)
+  if lora is not None:
+    ckpt.save(os.path.join(path, "lora"), lora)
+  ckpt.wait_until_finished()
 
 
 def restore_variables(path: str, shapes: dict, names: dict, mesh, rules) -> tuple[dict, dict | None]:

@@ -37,7 +37,7 @@ from flax import traverse_util
 from mmjax import lora as lora_lib
 from mmjax import sharding
 from mmjax.convert import safetensors_io as stio
-from mmjax.convert.llama import _sharding, _to_host, read_json
+from mmjax.convert.llama import _sharding, _to_host, _unsupported, find_architecture, read_json
 from mmjax.models.vit import CLIP_LAYOUT, SIGLIP_LAYOUT, ViT, ViTConfig
 
 # HF class -> (family, whether it is a full two-tower model whose config nests `vision_config`).
@@ -45,7 +45,6 @@ ARCHITECTURES = {"CLIPVisionModel": ("clip", False), "CLIPModel": ("clip", True)
                  "SiglipVisionModel": ("siglip", False), "SiglipModel": ("siglip", True)}
 _MODEL_TYPES = {"clip_vision_model": "CLIPVisionModel", "clip": "CLIPModel",
                 "siglip_vision_model": "SiglipVisionModel", "siglip": "SiglipModel"}
-_SUPPORTED = ", ".join(ARCHITECTURES)
 EXPORT_ARCHITECTURES = ("CLIPVisionModel", "SiglipVisionModel")
 PREFIX = "vision_model."
 
@@ -66,21 +65,9 @@ _DEFAULTS = {
 _FIXED = dict(mlp="standard", layer_scale=None, attn_bias=True, mlp_bias=True)
 
 
-def _unsupported(field: str, value, supported: str):
-  raise ValueError(f"config.json {field}={value!r} is not supported; supported: {supported}")
-
-
 def architecture_of(hf: dict) -> str:
   """The HF class name of a config.json dict ('CLIPVisionModel', ...)."""
-  archs = hf.get("architectures") or []
-  for a in archs:
-    if a in ARCHITECTURES:
-      return a
-  if archs:
-    _unsupported("architectures", archs, _SUPPORTED)
-  if hf.get("model_type") in _MODEL_TYPES:
-    return _MODEL_TYPES[hf["model_type"]]
-  _unsupported("model_type", hf.get("model_type"), ", ".join(_MODEL_TYPES))
+  return find_architecture(hf, ARCHITECTURES, _MODEL_TYPES)
 
 
 def vit_config_from_hf(hf: dict) -> ViTConfig:
@@ -327,14 +314,9 @@ CONFIG_FILE = "model_config.json"
 
 def save_dir(path: str, cfg: ViTConfig, params: dict, lora: dict | None = None, *,
              hf_architecture: str | None = None, hf_config: dict | None = None) -> None:
-  import orbax.checkpoint as ocp
+  from mmjax.convert import model_dir
   path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(path, "params"), params)
-  if lora is not None:
-    ckpt.save(os.path.join(path, "lora"), lora)
-  ckpt.wait_until_finished()
+  model_dir.save_variables(path, params, lora)
   if jax.process_index() == 0:
     meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "hf_architecture": hf_architecture,
             "hf_config": hf_config}
