@@ -61,6 +61,16 @@ def find_architecture(hf: dict, architectures, model_types: dict) -> str:
   _unsupported("model_type", hf.get("model_type"), ", ".join(model_types))
 
 
+def check_param_shapes(flat: dict, want: dict) -> None:
+  """Flat params against the flat specs a model config implies; a one-line ValueError
+  naming the first param that is absent, extra or mis-shaped."""
+  for p in sorted(set(want) | set(flat)):
+    if p not in flat or p not in want or tuple(flat[p].shape) != tuple(want[p].shape):
+      got = tuple(flat[p].shape) if p in flat else "absent"
+      raise ValueError(f"params {p!r} has shape {got}, but cfg implies "
+                       f"{tuple(want[p].shape) if p in want else 'no such param'}")
+
+
 def architecture_of(hf: dict) -> str:
   """The HF class name of a config.json dict ('LlamaForCausalLM', ...)."""
   return find_architecture(hf, ARCHITECTURES, {v: k for k, v in ARCHITECTURES.items()})
@@ -292,12 +302,7 @@ def export_hf(path: str, cfg: LlamaConfig, params: dict, lora: dict | None = Non
     params = lora_lib.merge(params, lora, cfg.lora_alpha, cfg.lora_rslora)
   np_dt = stio.np_dtype(dtype)
   flat = traverse_util.flatten_dict(params, sep="/")
-  want, _ = param_specs(cfg)
-  for p in sorted(set(want) | set(flat)):
-    if p not in flat or p not in want or tuple(flat[p].shape) != tuple(want[p].shape):
-      got = tuple(flat[p].shape) if p in flat else "absent"
-      raise ValueError(f"params {p!r} has shape {got}, but cfg implies "
-                       f"{tuple(want[p].shape) if p in want else 'no such param'}")
+  check_param_shapes(flat, param_specs(cfg)[0])
   entries = []
   for p, x in sorted(flat.items()):
     name, transpose = hf_name(p)

@@ -51,14 +51,15 @@ def save(path: str, cfg: LlamaConfig, params: dict, lora: dict | None = None, *,
       shutil.copy(os.path.join(hf_dir, name), os.path.join(path, "hf_files", name))
 
 
-def read_meta(path: str) -> dict:
+def read_meta(path: str, fmt: str = FORMAT) -> dict:
+  """PATH/model_config.json, which must declare format `fmt` (LLaMA or vision directory)."""
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.exists(file):
     raise ValueError(f"{path} is not an mmjax model directory: no {CONFIG_FILE}")
   with open(file) as f:
     meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{file}: format={meta.get('format')!r} is not supported; supported: {FORMAT}")
+  if meta.get("format") != fmt:
+    raise ValueError(f"{file}: format={meta.get('format')!r} is not supported; supported: {fmt}")
   return meta
 
 

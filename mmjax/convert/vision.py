@@ -37,7 +37,7 @@ from flax import traverse_util
 from mmjax import lora as lora_lib
 from mmjax import sharding
 from mmjax.convert import safetensors_io as stio
-from mmjax.convert.llama import _sharding, _to_host, _unsupported, find_architecture, read_json
+from mmjax.convert.llama import _sharding, _to_host, _unsupported, check_param_shapes, find_architecture, read_json
 from mmjax.models.vit import CLIP_LAYOUT, SIGLIP_LAYOUT, ViT, ViTConfig
 
 # HF class -> (family, whether it is a full two-tower model whose config nests `vision_config`).
@@ -270,12 +270,7 @@ def export_hf_vision(path: str, cfg: ViTConfig, params: dict, lora: dict | None 
     params = lora_lib.merge(params, lora, cfg.lora_alpha, cfg.lora_rslora)
   np_dt = stio.np_dtype(dtype)
   flat = traverse_util.flatten_dict(params, sep="/")
-  want, _ = param_specs(cfg)
-  for p in sorted(set(want) | set(flat)):
-    if p not in flat or p not in want or tuple(flat[p].shape) != tuple(want[p].shape):
-      got = tuple(flat[p].shape) if p in flat else "absent"
-      raise ValueError(f"params {p!r} has shape {got}, but cfg implies "
-                       f"{tuple(want[p].shape) if p in want else 'no such param'}")
+  check_param_shapes(flat, param_specs(cfg)[0])
   entries, packed = [], {}
   for p, x in sorted(flat.items()):
     name, kind = hf_name(p)
@@ -328,13 +323,7 @@ def load_dir(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[ViT
   """(cfg, params, lora or None, meta) from a vision model directory, placed on `mesh`."""
   from mmjax.convert import model_dir
   path = os.path.abspath(path)
-  file = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(file):
-    raise ValueError(f"{path} is not an mmjax model directory: no {CONFIG_FILE}")
-  with open(file) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{file}: format={meta.get('format')!r} is not supported; supported: {FORMAT}")
+  meta = model_dir.read_meta(path, FORMAT)
   cfg = ViTConfig.from_dict(meta["model"])
   shapes, names = param_specs(cfg)
   params, lora = model_dir.restore_variables(path, shapes, names, mesh, rules)

@@ -123,13 +123,19 @@ def _one_off(pred, true, fields) -> str | None:
   return diff[0] if len(diff) == 1 and same_rest else None
 
 
-def caption_metrics(pred_text: str, true_facts, kind: str = "image") -> dict:
-  """Metrics of one predicted caption against its true facts (see module docstring)."""
+def match_facts(pred_text: str, true_facts, kind: str = "image") -> dict:
+  """How a caption's parsed facts meet the truth (what `caption_metrics` counts).
+
+  Returns `facts` (parsed, in order), `firsts` (each fact once; a repeat is neither matched
+  nor invented), `n_repeated` (repeated facts), `missed` (true items), `invented` (predicted
+  items), `out_of_order` (videos: events stated but outside the in-order match; [] for
+  images) and `unparsed` (spans, repeats included). Images compare object facts; videos
+  compare (verb, colour, shape, position) keys, matched in order (longest common subsequence).
+  """
   _check_kind(kind)
   facts, unparsed = parse_caption(pred_text, kind)
   true = [tuple(f) for f in true_facts]
   key = (lambda f: f) if kind == "image" else (lambda f: f[2:])  # events: drop "event", step
-
   seen, firsts, n_repeated = set(), [], 0
   for f in facts:
     if key(f) in seen:
@@ -137,10 +143,7 @@ def caption_metrics(pred_text: str, true_facts, kind: str = "image") -> dict:
     else:
       seen.add(key(f))
       firsts.append(f)
-  n_repeated += len(unparsed) - len(set(unparsed))
-  unique_unparsed = len(set(unparsed))
-
-  errors = dict.fromkeys(ERROR_SKILLS, 0)
+  out_of_order = []
   if kind == "image":
     left = collections.Counter(true)
     invented = []
@@ -150,7 +153,6 @@ def caption_metrics(pred_text: str, true_facts, kind: str = "image") -> dict:
       else:
         invented.append(f)
     missed = list(left.elements())
-    fields = {"colour": 1, "shape": 2, "size": 3, "position": 4}
   else:
     true_keys = [key(f) for f in sorted(true, key=lambda f: f[1])]
     pairs = _lcs_pairs([key(f) for f in firsts], true_keys)
@@ -159,9 +161,26 @@ def caption_metrics(pred_text: str, true_facts, kind: str = "image") -> dict:
     missed = [k for j, k in enumerate(true_keys) if j not in used_t]
     for k in list(invented):  # stated, but out of order
       if k in missed:
-        errors["temporal_order"] += 1
+        out_of_order.append(k)
         invented.remove(k)
         missed.remove(k)
+  return dict(facts=facts, firsts=firsts, n_repeated=n_repeated, missed=missed, invented=invented,
+              out_of_order=out_of_order, unparsed=unparsed)
+
+
+def caption_metrics(pred_text: str, true_facts, kind: str = "image") -> dict:
+  """Metrics of one predicted caption against its true facts (see module docstring)."""
+  m = match_facts(pred_text, true_facts, kind)
+  facts, firsts, unparsed, missed, invented = m["facts"], m["firsts"], m["unparsed"], m["missed"], m["invented"]
+  true = [tuple(f) for f in true_facts]
+  n_repeated = m["n_repeated"] + len(unparsed) - len(set(unparsed))
+  unique_unparsed = len(set(unparsed))
+
+  errors = dict.fromkeys(ERROR_SKILLS, 0)
+  errors["temporal_order"] = len(m["out_of_order"])
+  if kind == "image":
+    fields = {"colour": 1, "shape": 2, "size": 3, "position": 4}
+  else:
     fields = {"colour": 1, "shape": 2, "position": 3}  # over (verb, colour, shape, position)
 
   unpaired = list(missed)

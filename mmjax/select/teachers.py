@@ -49,37 +49,9 @@ def match_facts(prediction: str, truth, kind: str) -> dict:
   "unparsed": [spans]}: images as object facts, videos as (verb, colour, shape, position)
   keys (out_of_order: events stated but outside the in-order match; empty for images).
   """
-  facts, unparsed = captions.parse_caption(prediction, kind)
-  true = [tuple(f) for f in truth]
-  key = (lambda f: f) if kind == "image" else (lambda f: f[2:])  # events: drop "event", step
-  seen, firsts = set(), []
-  for f in facts:  # a repeated item is neither matched nor invented
-    if key(f) not in seen:
-      seen.add(key(f))
-      firsts.append(f)
-  out_of_order = []
-  if kind == "image":
-    left = collections.Counter(true)
-    invented = []
-    for f in firsts:
-      if left[f] > 0:
-        left[f] -= 1
-      else:
-        invented.append(f)
-    missed = list(left.elements())
-  else:
-    true_keys = [key(f) for f in sorted(true, key=lambda f: f[1])]
-    pairs = captions._lcs_pairs([key(f) for f in firsts], true_keys)
-    used_p, used_t = {i for i, _ in pairs}, {j for _, j in pairs}
-    invented = [key(f) for i, f in enumerate(firsts) if i not in used_p]
-    missed = [k for j, k in enumerate(true_keys) if j not in used_t]
-    for k in list(invented):  # stated, but out of order
-      if k in missed:
-        out_of_order.append(k)
-        invented.remove(k)
-        missed.remove(k)
-  return {"missed": missed, "invented": invented, "out_of_order": out_of_order,
-          "unparsed": sorted(set(unparsed))}
+  m = captions.match_facts(prediction, truth, kind)
+  return {"missed": m["missed"], "invented": m["invented"], "out_of_order": m["out_of_order"],
+          "unparsed": sorted(set(m["unparsed"]))}
 
 
 def _caption_units(match: dict, kind: str) -> dict[str, float]:
