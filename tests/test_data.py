@@ -79,6 +79,23 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
             {"role": "assistant", "content": "lazy dog"}]
 
 
+def test_builtin_word_tokenizer_is_lossless_and_short():
+  from mmjax.data import shapes
+  words = tokenizer_lib.load_tokenizer("builtin_words")
+  chars = tokenizer_lib.load_tokenizer("builtin")
+  assert words.vocab_size > chars.vocab_size and words.image_id == chars.image_id
+  for text in ("a small white circle at the bottom right.", "how many circles are there?", "x=3+4 zebra, big",
+               "first a red circle appears at the top at frame 2, then the red circle disappears from the top.",
+               "", "  double  spaces\nnewline"):
+    ids = words.encode(text)
+    assert words.decode(ids) == text
+  # characters keep their ids; a grammar word is one id, its leading space included
+  assert words.encode("zebra") == chars.encode("zebra")
+  assert len(words.encode(" circle")) == 1 and len(words.encode("circle")) == 1
+  cap = shapes.ShapesSource("image_caption", 1)[0]["caption"]
+  assert len(words.encode(cap)) <= len(cap.split()) + cap.count(".")
+
+
 def test_hf_tokenizer_round_trip(hf_dir):
   t = tokenizer_lib.load_tokenizer(hf_dir)
   assert (t.pad_id, t.bos_id, t.eos_id, t.vocab_size) == (0, 1, 2, 300)

@@ -1,4 +1,5 @@
-"""Tokenizers: a tiny built-in character vocabulary, or a local Hugging Face tokenizer dir.
+"""Tokenizers: tiny built-in vocabularies (characters, or words of the shapes grammar), or a
+local Hugging Face tokenizer dir.
 
 Both expose one interface:
 
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 
 BUILTIN = "builtin"
+BUILTIN_WORDS = "builtin_words"
+BUILTINS = (BUILTIN, BUILTIN_WORDS)
 
 # Fallback chat layout when a tokenizer has no chat template: "role: content\n" per turn;
 # the assistant's content and its closing newline carry loss.
@@ -28,13 +32,17 @@ _FALLBACK_TURN_END = "\n"
 
 
 def load_tokenizer(spec: str):
-  """`'builtin'` or a local directory holding a Hugging Face `tokenizer.json`."""
+  """`'builtin'` (characters), `'builtin_words'` (words of the shapes grammar, characters
+  for anything else) or a local directory holding a Hugging Face `tokenizer.json`."""
   if spec == BUILTIN:
     return BuiltinTokenizer()
+  if spec == BUILTIN_WORDS:
+    return BuiltinWordTokenizer()
   if not isinstance(spec, str) or not spec:
-    raise ValueError(f"tokenizer {spec!r} is not valid; expected 'builtin' or a directory with tokenizer.json")
+    raise ValueError(f"tokenizer {spec!r} is not valid; expected 'builtin', 'builtin_words' or a directory "
+                     "with tokenizer.json")
   if not os.path.isdir(spec):
-    raise ValueError(f"tokenizer directory {spec} does not exist; expected 'builtin' or a local "
+    raise ValueError(f"tokenizer directory {spec} does not exist; expected 'builtin', 'builtin_words' or a local "
                      "directory with tokenizer.json (nothing is downloaded)")
   path = os.path.join(spec, "tokenizer.json")
   if not os.path.isfile(path):
@@ -74,6 +82,50 @@ class BuiltinTokenizer:
 
   def __repr__(self):
     return f"BuiltinTokenizer(vocab_size={self.vocab_size})"
+
+
+class BuiltinWordTokenizer(BuiltinTokenizer):
+  """The character vocabulary plus one id per word of the shapes grammar (`WORDS`), with and
+  without a leading space, so a shapes caption takes about one token per word ("a small red
+  circle at the top." -> a, ' small', ' red', ' circle', ' at', ' the', ' top', '.').
+
+  Lossless over the character set: text is cut into pieces ` ?[a-z]+` and single other
+  characters; a piece in the vocabulary is one id, any other is spelled out by characters.
+  Ids below the character tokenizer's `vocab_size` mean the same characters in both.
+  """
+
+  WORDS = (
+      # shapes vocabulary (mmjax.data.shapes)
+      "square", "circle", "triangle", "diamond", "cross", "squares", "circles", "triangles", "diamonds",
+      "crosses", "red", "green", "blue", "yellow", "purple", "white", "cyan", "pink", "small", "large",
+      "top", "left", "right", "bottom", "center", "appears", "moves", "disappears",
+      # grammar and questions
+      "a", "an", "the", "at", "to", "from", "first", "then", "and", "describe", "image", "video", "what",
+      "colour", "shape", "size", "is", "are", "there", "how", "many", "where", "object", "yes", "no", "of",
+      "in", "frame", "step")
+
+  def __init__(self):
+    super().__init__()
+    pieces = [w for word in self.WORDS for w in (word, " " + word)]
+    base = self.vocab_size
+    self._word_to_id = {w: base + i for i, w in enumerate(pieces)}
+    self._id_to_word = {i: w for w, i in self._word_to_id.items()}
+    self.vocab_size = base + len(pieces)
+
+  _PIECE = re.compile(r" ?[a-z]+|.", re.S)
+
+  def encode(self, text: str) -> list[int]:
+    ids = []
+    for piece in self._PIECE.findall(text):
+      i = self._word_to_id.get(piece)
+      ids += [i] if i is not None else super().encode(piece)
+    return ids
+
+  def decode(self, ids) -> str:
+    return "".join(self._id_to_word.get(int(i)) or self._to_char.get(int(i), "") for i in ids)
+
+  def __repr__(self):
+    return f"BuiltinWordTokenizer(vocab_size={self.vocab_size})"
 
 
 def _fallback_chat(tok, messages) -> tuple[list[int], list[int]]:
