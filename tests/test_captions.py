@@ -1,6 +1,7 @@
 """Caption metrics over atomic facts: parser and hand-written cases."""
 import pytest
 
+from mmjax.data import shapes
 from mmjax.evals import captions
 
 TRUE = "a large red circle at the top left. a small blue square at the center."
@@ -109,3 +110,29 @@ def test_aggregate():
   assert agg["micro_missing"] == pytest.approx(4 / 6) and agg["micro_hallucination"] == pytest.approx(1 / 6)
   assert agg["err_colour_rate"] == pytest.approx(1 / 6) and agg["err_count_rate"] == pytest.approx(2 / 3)
   assert captions.aggregate([]) == {"n_examples": 0}
+
+
+def test_timed_video_captions_parse_back_and_score_timing():
+  cfg = shapes.ShapesConfig(timed=True)
+  src = shapes.ShapesSource("video_caption", 20, cfg=cfg)
+  for i in range(20):
+    ex = src[i]
+    assert ex["timed"] and ex["caption"].count(" at frame ") == len(ex["facts"])
+    facts, unparsed = captions.parse_caption(ex["caption"], "video")
+    assert facts == ex["facts"] and not unparsed
+    assert captions.parse_times(ex["caption"]) == ex["times"]
+    m = captions.caption_metrics(ex["caption"], ex["facts"], "video", ex["times"])
+    assert m["timing"] == 1.0 and m["missing"] == 0.0 and m["hallucination"] == 0.0
+  truth = [("event", 1, "appears", "red", "circle", "top"), ("event", 2, "moves", "red", "circle", "center")]
+  times = [0, 2]
+  # right events, second one at the wrong frame: timing 1/2, nothing missed
+  m = captions.caption_metrics("first a red circle appears at the top at frame 1, then the red circle moves to "
+                               "the center at frame 2.", truth, "video", times)
+  assert m["timing"] == 0.5 and m["missing"] == 0.0
+  # untimed clauses parse (no frame stated: not timed right); a missed event is not timed right either
+  m = captions.caption_metrics("first a red circle appears at the top.", truth, "video", times)
+  assert m["timing"] == 0.0 and m["missing"] == 0.5
+  m = captions.caption_metrics("then the red circle moves to the center at frame 3.", truth, "video", times)
+  assert m["timing"] == 0.5 and captions.parse_times("a red circle appears at the top") == [None]
+  assert "timing" not in captions.caption_metrics("first a red circle appears at the top.", truth, "video")
+  assert captions.aggregate([m, m])["timing"] == 0.5

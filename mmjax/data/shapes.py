@@ -15,7 +15,8 @@ Grammar (only characters of the builtin tokenizer: lowercase, digits, space, `.,
                  one sentence per object, in grid order (row by row, left to right)
   video caption  "first a red circle appears at the top left, then the red circle moves to
                  the center, then a blue square appears at the right, then the red circle
-                 disappears from the center."
+                 disappears from the center."  With `timed=True` each clause ends in " at
+                 frame N", the 1-based frame where its event is first seen.
                  one clause per event; objects have distinct (colour, shape) in a video and
                  each appears at most once, never returns to a cell it has left
   questions      count "how many circles are there?" -> "2"; colour "what colour is the
@@ -43,7 +44,8 @@ Record keys, every kind: `kind` (the task: image_caption | vqa | video_caption),
 skill)), `skills` (tuple of tags from SKILLS), `classes` int32 [n]. Images add `image` uint8
 [H, W, 3], `boxes` float32 [n, 4], `masks` bool [n, H, W]. Videos add `frames` uint8 [T, H,
 W, 3], `boxes` float32 [T, n, 4] (0 where absent), `masks` bool [T, n, H, W], `visible` bool
-[T, n], `times` (per step, the first frame that shows its event) and `qa` = []. Boxes are
+[T, n], `times` (per step, the first frame that shows its event), `timed` (the caption
+states them) and `qa` = []. Boxes are
 [x0, y0, x1, y1] pixel edges, tight around the mask: the object covers columns x0..x1-1 and
 rows y0..y1-1. Mask pixels are exactly the object's palette colour.
 
@@ -101,6 +103,7 @@ class ShapesConfig:
   max_events: int = 4  # <= video_frames
   qa_skills: tuple = QA_SKILLS  # skills a vqa example may ask about
   pool_mix: tuple = (("image_caption", 1.0), ("vqa", 3.0), ("video_caption", 1.0))  # weights
+  timed: bool = False  # video captions state each event's frame ("... at frame 2")
 
   @property
   def num_classes(self) -> int:
@@ -218,8 +221,11 @@ def event_clause(fact) -> str:
   return f"the {colour} {shape} disappears from the {position}"
 
 
-def video_caption(facts) -> str:
-  clauses = [("first " if i == 0 else "then ") + event_clause(f) for i, f in enumerate(facts)]
+def video_caption(facts, times=None) -> str:
+  """One clause per event; with `times` (0-based frame of each event) every clause ends in
+  " at frame N" (N = time + 1): a timed caption, whose per-step timing can be scored."""
+  clauses = [("first " if i == 0 else "then ") + event_clause(f) + ("" if times is None else f" at frame {times[i] + 1}")
+             for i, f in enumerate(facts)]
   return ", ".join(clauses) + "." if clauses else ""
 
 
@@ -384,8 +390,8 @@ def make_video(key: str, split: str, cfg: ShapesConfig) -> dict:
       visible[t, o] = True
   facts = _event_facts(scene)
   return {"frames": frames, "boxes": boxes, "masks": masks, "visible": visible, "times": list(times),
-          "classes": np.array([cfg.shapes.index(o[0]) for o in objects], np.int32),
-          "facts": facts, "caption": video_caption(facts), "rng": rng}
+          "classes": np.array([cfg.shapes.index(o[0]) for o in objects], np.int32), "timed": cfg.timed,
+          "facts": facts, "caption": video_caption(facts, list(times) if cfg.timed else None), "rng": rng}
 
 
 # ----------------------------------------------------------------------------- source

@@ -7,8 +7,8 @@
 Parsing. Text is lower-cased, whitespace collapsed, and cut into spans at `.`, `,`, `;`,
 `!`, `?` and newlines. Image spans must read "a SIZE COLOUR SHAPE at the POSITION" and give
 ("object", colour, shape, size, position). Video spans may start with "first", "then" or
-"and then" and must read "a COLOUR SHAPE appears at the POS", "the COLOUR SHAPE moves to
-the POS" or "the COLOUR SHAPE disappears [from the POS]" and give ("event", step, verb,
+"and then", may end in "at frame N", and must read "a COLOUR SHAPE appears at the POS",
+"the COLOUR SHAPE moves to the POS" or "the COLOUR SHAPE disappears [from the POS]" and give ("event", step, verb,
 colour, shape, position), steps numbered 1, 2, ... over the parsed events (position None
 for a bare "disappears"). Any other span is returned, normalised, in `unparsed`.
 
@@ -31,6 +31,8 @@ Metrics of one caption (n_true = number of true facts):
   err_count      1 when the number of distinct predicted objects (videos: events) differs
                  from the truth, else 0
   err_temporal_order  videos: events stated but out of order (see below)
+  timing         (videos, given the true frames) true events matched in order whose clause
+                 states the true frame (" at frame N", N 1-based) / n_true: per-step timing
 
 Videos are matched in order: the longest common subsequence of predicted and true events,
 comparing (verb, colour, shape, position) and ignoring step numbers, is what is correct, so
@@ -54,6 +56,7 @@ _APPEARS = re.compile(rf"an? ({_COLOUR}) ({_SHAPE}) appears at the ({_POS})")
 _MOVES = re.compile(rf"the ({_COLOUR}) ({_SHAPE}) moves to the ({_POS})")
 _DISAPPEARS = re.compile(rf"the ({_COLOUR}) ({_SHAPE}) disappears(?: from the ({_POS}))?")
 _CONNECTOR = re.compile(r"^(?:first|and then|then)\s+")
+_TIME = re.compile(r" at frame (\d+)$")
 _SPLIT = re.compile(r"[.,;!?\n]")
 KINDS = ("image", "video")
 ATTRIBUTE_SKILLS = ("colour", "shape", "size", "position")
@@ -74,8 +77,19 @@ def _check_kind(kind):
 
 def parse_caption(text: str, kind: str = "image") -> tuple[list[tuple], list[str]]:
   """(facts, unparsed spans) of a caption; facts in caption order (see module docstring)."""
+  facts, unparsed, _ = _parse(text, kind)
+  return facts, unparsed
+
+
+def parse_times(text: str) -> list:
+  """The stated frame of each parsed event of a video caption, 0-based (None where the
+  clause states none): " at frame N" at the end of a clause is frame N - 1."""
+  return _parse(text, "video")[2]
+
+
+def _parse(text, kind):
   _check_kind(kind)
-  facts, unparsed = [], []
+  facts, unparsed, times = [], [], []
   for span in _spans(text):
     if kind == "image":
       m = _OBJECT.fullmatch(span)
@@ -85,16 +99,20 @@ def parse_caption(text: str, kind: str = "image") -> tuple[list[tuple], list[str
         continue
     else:
       body = _CONNECTOR.sub("", span)
+      t = _TIME.search(body)
+      if t:
+        body = body[:t.start()]
       for verb, pattern in (("appears", _APPEARS), ("moves", _MOVES), ("disappears", _DISAPPEARS)):
         m = pattern.fullmatch(body)
         if m:
           colour, shape, position = m.groups()
           facts.append(("event", len(facts) + 1, verb, colour, shape, position))
+          times.append(int(t.group(1)) - 1 if t else None)
           break
       if m:
         continue
     unparsed.append(span)
-  return facts, unparsed
+  return facts, unparsed, times
 
 
 def _lcs_pairs(a: list, b: list) -> list[tuple[int, int]]:
@@ -123,7 +141,7 @@ def _one_off(pred, true, fields) -> str | None:
   return diff[0] if len(diff) == 1 and same_rest else None
 
 
-def match_facts(pred_text: str, true_facts, kind: str = "image") -> dict:
+def match_facts(pred_text: str, true_facts, kind: str = "image", true_times=None) -> dict:
   """How a caption's parsed facts meet the truth (what `caption_metrics` counts).
 
   Returns `facts` (parsed, in order), `firsts` (each fact once; a repeat is neither matched
@@ -143,7 +161,7 @@ def match_facts(pred_text: str, true_facts, kind: str = "image") -> dict:
     else:
       seen.add(key(f))
       firsts.append(f)
-  out_of_order = []
+  out_of_order, n_timed = [], 0
   if kind == "image":
     left = collections.Counter(true)
     invented = []
@@ -157,6 +175,11 @@ def match_facts(pred_text: str, true_facts, kind: str = "image") -> dict:
     true_keys = [key(f) for f in sorted(true, key=lambda f: f[1])]
     pairs = _lcs_pairs([key(f) for f in firsts], true_keys)
     used_p, used_t = {i for i, _ in pairs}, {j for _, j in pairs}
+    if true_times is not None:  # events matched in order that also state the true frame
+      stated = dict(zip((f[1] for f in facts), parse_times(pred_text)))  # step number -> frame
+      order = [f[1] for f in sorted(true, key=lambda f: f[1])]
+      when = dict(zip((f[1] for f in true), true_times))
+      n_timed = sum(stated.get(firsts[i][1]) == when[order[j]] for i, j in pairs)
     invented = [key(f) for i, f in enumerate(firsts) if i not in used_p]
     missed = [k for j, k in enumerate(true_keys) if j not in used_t]
     for k in list(invented):  # stated, but out of order
@@ -165,12 +188,13 @@ def match_facts(pred_text: str, true_facts, kind: str = "image") -> dict:
         invented.remove(k)
         missed.remove(k)
   return dict(facts=facts, firsts=firsts, n_repeated=n_repeated, missed=missed, invented=invented,
-              out_of_order=out_of_order, unparsed=unparsed)
+              out_of_order=out_of_order, unparsed=unparsed, n_timed=n_timed)
 
 
-def caption_metrics(pred_text: str, true_facts, kind: str = "image") -> dict:
-  """Metrics of one predicted caption against its true facts (see module docstring)."""
-  m = match_facts(pred_text, true_facts, kind)
+def caption_metrics(pred_text: str, true_facts, kind: str = "image", true_times=None) -> dict:
+  """Metrics of one predicted caption against its true facts (see module docstring); with
+  `true_times` (videos: each true event's 0-based frame, in step order) also `timing`."""
+  m = match_facts(pred_text, true_facts, kind, true_times)
   facts, firsts, unparsed, missed, invented = m["facts"], m["firsts"], m["unparsed"], m["missed"], m["invented"]
   true = [tuple(f) for f in true_facts]
   n_repeated = m["n_repeated"] + len(unparsed) - len(set(unparsed))
@@ -207,6 +231,8 @@ def caption_metrics(pred_text: str, true_facts, kind: str = "image") -> dict:
       "n_repeated": n_repeated, "n_unparsed": len(unparsed),
   }
   out.update({f"err_{k}": v for k, v in errors.items()})
+  if true_times is not None and kind == "video":
+    out["timing"] = m["n_timed"] / n_true if n_true else 0.0
   return out
 
 
@@ -225,6 +251,8 @@ def aggregate(metrics: list[dict]) -> dict:
   out = {"n_examples": n}
   for k in _RATES + _COUNTS + tuple(f"err_{s}" for s in ERROR_SKILLS):
     out[k] = total(k) / n
+  if all("timing" in m for m in metrics):
+    out["timing"] = total("timing") / n
   n_true = max(total("n_true"), 1.0)
   out["micro_missing"] = total("n_missing") / n_true
   out["micro_hallucination"] = total("n_invented") / n_true

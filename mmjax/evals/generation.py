@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 from mmjax import sample
-from mmjax.data import pipeline, sources
+from mmjax.data import pipeline
 from mmjax.evals import captions
 
 
 def eval_records(data_cfg, n: int) -> list[dict]:
   """The first `n` records of the eval split (fewer if it is smaller)."""
-  source = sources.make_source(data_cfg, "eval")
+  source = pipeline.open_source(data_cfg, "eval")
   if source is None:
     return []
   return [source[i] for i in range(min(n, len(source)))]
@@ -58,11 +58,14 @@ def score(records, answers) -> dict:
   """exact_match over all records, plus aggregated caption metrics for caption records."""
   exact = [float(a.strip() == r["response"].strip()) for r, a in zip(records, answers)]
   out = {"gen_exact_match": float(np.mean(exact)) if exact else 0.0}
-  caps = [captions.caption_metrics(a, r["facts"], "video" if r.get("kind") == "video_caption" else "image")
+  caps = [captions.caption_metrics(a, r["facts"], "video" if r.get("kind") == "video_caption" else "image",
+                                   r["times"] if r.get("timed") else None)
           for r, a in zip(records, answers) if r.get("kind") in ("image_caption", "video_caption")]
   if caps:
     agg = captions.aggregate(caps)
     out.update(missing=agg["missing"], hallucination=agg["hallucination"], repetition=agg["repetition"])
+    if "timing" in agg:
+      out["timing"] = agg["timing"]
   return out
 
 
