@@ -26,6 +26,7 @@ import optax
 from mmjax import config_lib, lora as lora_lib, sharding
 from mmjax.evals import generation
 from mmjax.train import checkpoint as ckpt_lib
+from mmjax.train import groups as groups_lib
 from mmjax.train import metrics as metrics_lib
 from mmjax.train import state as state_lib
 from mmjax.train import step as step_lib
@@ -64,11 +65,13 @@ class Run:
   merged_params: Any  # jitted state -> params with the adapter merged in
   abstract_params: Any  # params tree of ShapeDtypeStructs with shardings
   visual_tokens: dict | None  # placeholders per 'image' / 'video' for the data pipeline (VLM)
+  group_steps: dict  # directed fine-tuning: group -> (objective, jitted train step of its leaves)
 
-  def global_batch(self, local: dict) -> dict:
-    """Places this process's rows of a batch as one global array per field."""
+  def global_batch(self, local: dict, objective=None) -> dict:
+    """Places this process's rows of a batch as one global array per field (the fields of
+    `objective`, default the run's)."""
     out = {}
-    for k in self.objective.batch_fields:
+    for k in (objective or self.objective).batch_fields:
       x = np.asarray(local[k])
       sh = self.batch_sharding if x.ndim == 2 else sharding.batch_sharding(self.mesh, self.rules, x.ndim)
       out[k] = jax.make_array_from_process_local_data(sh, x)
@@ -106,14 +109,18 @@ def build(config, mesh, tokenizer) -> Run:
   rules = sharding.rules_from_config(config.rules)
   model, model_cfg, visual_tokens = config_lib.model_from_config(config, tokenizer)
   cls = OBJECTIVES[config.objective]
-  media = config_lib.media_fields(config)
-  objective = cls.from_config(config, model, media) if hasattr(cls, "from_config") else cls(model, media=media)
+
+  def make_objective(cfg):
+    media = config_lib.media_fields(cfg)
+    return cls.from_config(cfg, model, media) if hasattr(cls, "from_config") else cls(model, media=media)
+
+  objective = make_objective(config)
   dummy = _init_args(objective, config)
   param_names, abstract_params = _param_logical_axes(model, dummy)
   config_lib.check_targets(config, abstract_params)
 
   tx, schedule = state_lib.make_optimizer(config.optimizer, config.steps)
-  patterns = tuple(config.trainable)
+  patterns = groups_lib.trainable_patterns(config)
 
   def make_state(rng, params=None):
     variables = init_variables(rng, model, dummy, config.lora, params)
@@ -153,9 +160,20 @@ def build(config, mesh, tokenizer) -> Run:
   merged_params = jax.jit(in_ctx(final_params), in_shardings=(state_sh,), out_shardings=params_sh)
   abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  abstract_params, params_sh)
-  train_step = jax.jit(
-      in_ctx(functools.partial(step_lib.train_step, objective=objective, tx=tx, accum_steps=config.grad_accum)),
-      in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
+
+  def jit_train_step(obj, update_mask=None):
+    fn = functools.partial(step_lib.train_step, objective=obj, tx=tx, accum_steps=config.grad_accum,
+                           update_mask=update_mask)
+    return jax.jit(in_ctx(fn), in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+                   donate_argnums=0)
+
+  train_step = jit_train_step(objective)
+  group_steps = {}
+  for g in groups_lib.names(config):  # directed fine-tuning: one step per group, its data and leaves
+    gcfg = groups_lib.group_config(config, g)
+    mask = None if config.joint else groups_lib.update_mask(shapes.trainable, gcfg.trainable)
+    gobj = make_objective(gcfg)
+    group_steps[g] = (gobj, jit_train_step(gobj, mask))
   eval_step = jax.jit(in_ctx(functools.partial(step_lib.eval_step, objective=objective)),
                       in_shardings=(state_sh, batch_sh), out_shardings=repl)
   if config.objective == "visft":
@@ -164,7 +182,7 @@ def build(config, mesh, tokenizer) -> Run:
     flops, flops_ex = _flops(model_cfg, config, abstract_params, patterns, visual_tokens)
   return Run(config, mesh, rules, model_cfg, model, objective, tx, schedule, init_state, abstract_state,
              state_sh, batch_sh, train_step, eval_step, flops, flops_ex, init_from_params, merged_params,
-             abstract_params, visual_tokens)
+             abstract_params, visual_tokens, group_steps)
 
 
 def _init_args(objective, config) -> tuple:
@@ -328,10 +346,20 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
     train_iter, eval_batches = None, []
   else:
     data_fns = run.objective.data_fns(config, tokenizer) if hasattr(run.objective, "data_fns") else {}
-    train_iter = pipeline.make_train_iterator(
-        config.data, global_batch=config.batch_size, seq_len=config.seq_len, seed=config.seed,
-        process_index=pidx, process_count=pcount, tokenizer=tokenizer, visual_tokens=run.visual_tokens,
-        example_fn=data_fns.get("example_fn"))
+
+    def data_iter(data_cfg, objective):
+      fns = objective.data_fns(config, tokenizer) if hasattr(objective, "data_fns") else {}
+      return pipeline.make_train_iterator(
+          data_cfg, global_batch=config.batch_size, seq_len=config.seq_len, seed=config.seed,
+          process_index=pidx, process_count=pcount, tokenizer=tokenizer, visual_tokens=run.visual_tokens,
+          example_fn=fns.get("example_fn"))
+
+    if run.group_steps:  # directed fine-tuning: each group's own data, in schedule order
+      train_iter = groups_lib.MultiIterator(
+          {g: data_iter(groups_lib.data_config(config, g), obj) for g, (obj, _) in run.group_steps.items()},
+          groups_lib.parse_schedule(config.group_schedule, groups_lib.names(config)))
+    else:
+      train_iter = data_iter(config.data, run.objective)
     eval_batches = pipeline.make_eval_batches(
         config.data, batch=config.eval_batch_size, seq_len=config.seq_len, tokenizer=tokenizer,
         process_index=pidx, process_count=pcount, visual_tokens=run.visual_tokens, **data_fns)
@@ -381,8 +409,12 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
     with _StopFlag() as stop:
       t_prev = time.perf_counter()
       for step in range(start, config.steps):
-        batch = run.global_batch(next(train_iter))
-        state, m = run.train_step(state, batch, rng)
+        if run.group_steps:
+          group, local = next(train_iter)
+          objective, step_fn = run.group_steps[group]
+          state, m = step_fn(state, run.global_batch(local, objective), rng)
+        else:
+          state, m = run.train_step(state, run.global_batch(next(train_iter)), rng)
         m = jax.device_get(m)
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now

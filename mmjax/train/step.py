@@ -4,6 +4,11 @@
 is split into `accum_steps` micro-batches that run under `lax.scan`; gradients and metric
 sums add up, and everything is divided by the objective's normaliser summed over all
 micro-batches (for SFT: the number of loss tokens in the whole accumulated batch).
+
+`update_mask` (a tree like `state.trainable` of Python bools, or None for all) restricts
+the step to some trainable leaves (directed fine-tuning, `mmjax.train.groups`): the others
+get no gradient (stop_gradient, so their weight gradients are never computed) and keep
+their params and optimizer moments unchanged.
 """
 from __future__ import annotations
 
@@ -24,10 +29,13 @@ def _micro_batches(batch: dict, accum_steps: int) -> dict:
   return jax.tree.map(f, batch)
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective, tx, accum_steps: int = 1):
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective, tx, accum_steps: int = 1,
+               update_mask=None):
   rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(trainable, micro, key):
+    if update_mask is not None:
+      trainable = jax.tree.map(lambda x, m: x if m else jax.lax.stop_gradient(x), trainable, update_mask)
     loss_sum, norm, sums = objective.loss(_variables(trainable, state.frozen, state.aux), micro, key, True)
     return loss_sum, (norm, sums)
 
@@ -53,6 +61,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective, tx,
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
+  if update_mask is not None:  # leaves outside the mask keep their params and moments
+    keep = lambda new, old, m: new if m else old
+    trainable = jax.tree.map(keep, trainable, state.trainable, update_mask)
+    opt_mask = optax.tree_map_params(tx, lambda _, m: m, opt_state, update_mask, transform_non_params=lambda _: True)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state, opt_mask)
   metrics = {k: v / denom for k, v in sums.items()}
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["normaliser"] = norm
