@@ -170,9 +170,11 @@ def model_from_config(config, tokenizer):
 
 def media_fields(config) -> tuple[str, ...]:
   """Batch fields with pixels that the objective feeds the model."""
-  if config.model.name != "vlm":
+  if config.model.name != "vlm" or config.data.drop_media:
     return ()
-  if config.data.source == "shapes" and config.data.task == "video_caption":
+  d = config.data
+  if d.source == "shapes" and (d.task == "video_caption" or (d.task == "pool" and dict(
+      tuple(p) for p in d.pool_mix).get("video_caption", 0) > 0)):
     return ("frames",)
   return ("images",)
 
@@ -235,7 +237,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo = dpo_config_dict()  # preference optimisation (objective 'dpo'), see mmjax/train/dpo.py
   c.distill_from_stage = ""  # rebirth: SFT on this earlier stage's own greedy answers (generated once)
   c.distill_examples = 256  # train prompts answered for distill_from_stage
+  # Directed fine-tuning (mmjax/train/groups.py): groups.NAME = dict(trainable=(regexes,),
+  # data=dict(data overrides)); each step trains one group's leaves on its own data.
+  c.groups = ml_collections.ConfigDict()
+  c.group_schedule = ""  # 'NAME' or 'NAME:K' items, cycled; '' = each group once per cycle
+  c.joint = False  # every step trains all groups' leaves (the joint baseline, same data schedule)
+  c.select = select_config_dict()  # error-driven data selection from a pool, see mmjax/select/recipe.py
   return c
+
+
+def select_config_dict() -> ml_collections.ConfigDict:
+  from mmjax.select import recipe
+  return recipe.config_dict()
 
 
 def visft_config_dict() -> ml_collections.ConfigDict:
@@ -286,7 +299,7 @@ POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "checkp
 def _walk(cfg, prefix=""):
   for key, value in cfg.items():
     path = f"{prefix}{key}"
-    if path == "stages":  # each stage is checked as a whole config (see validate)
+    if path in ("stages", "groups", "select.pool"):  # whole stage configs; groups.validate; select_recipe.validate
       continue
     if isinstance(value, ml_collections.ConfigDict):
       yield from _walk(value, path + ".")
@@ -362,20 +375,20 @@ def validate(config, n_devices: int, process_count: int = 1, abstract_params=Non
     if missing:  # stages may define more than stage_order runs (e.g. to run a prefix)
       raise ConfigError(f"config.stage_order names {', '.join(map(repr, missing))}, which config.stages "
                         f"does not define; defined: {', '.join(config.stages) or 'none'}")
-    for name in config.stage_order:
+    for k, name in enumerate(config.stage_order):
       try:
         stage = stage_config(config, name)
       except (KeyError, AttributeError) as e:
         raise ConfigError(f"config.stages.{name} sets an unknown key {e}; stage keys are run-config keys") from None
       try:
-        _validate_one(stage, n_devices, process_count, abstract_params)
+        _validate_one(stage, n_devices, process_count, abstract_params, config.stage_order[:k])
       except ConfigError as e:
         raise ConfigError(f"stage {name!r}: {e}") from None
     return
   _validate_one(config, n_devices, process_count, abstract_params)
 
 
-def _validate_one(config, n_devices, process_count, abstract_params) -> None:
+def _validate_one(config, n_devices, process_count, abstract_params, stage_names=()) -> None:
   check_schema(config, base_config())
   for path, options in CHOICES.items():
     value = _get(config, path)
@@ -404,6 +417,22 @@ def _validate_one(config, n_devices, process_count, abstract_params) -> None:
     _check_regex(regex_key, _get(config, regex_key))
   for pattern in config.trainable:
     _check_regex("trainable", pattern)
+  from mmjax.train import groups
+  try:
+    groups.validate(config, set(base_config().data.keys()))
+  except groups.GroupError as e:
+    raise ConfigError(str(e)) from None
+  from mmjax.select import recipe as select_recipe
+  try:
+    select_recipe.validate(config, stage_names)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for name in groups.names(config):  # each group's data must be valid data in its own right
+    try:
+      from mmjax.data.pipeline import validate_data_config
+      validate_data_config(groups.data_config(config, name))
+    except ValueError as e:
+      raise ConfigError(f"config.groups.{name}: {e}") from None
 
   from mmjax.sharding import mesh_shape, rules_from_config
   try:
@@ -489,7 +518,10 @@ def check_targets(config, abstract_params) -> None:
   paths = ["params/" + p for p in traverse_util.flatten_dict(abstract_params, sep="/")]
   if config.lora.targets:
     paths += ["lora/" + m + "/" + x for m in lora.target_paths(abstract_params, config.lora.targets) for x in "ab"]
-  for pattern in config.trainable:
-    if not any(is_trainable(p, [pattern]) for p in paths):
-      raise ConfigError(f"config.trainable entry {pattern!r} matches no variable; paths look like: "
-                        f"{', '.join(paths[:3])}, ..., {paths[-1]}")
+  owners = [("config.trainable", config.trainable)] if not config.groups else \
+      [(f"config.groups.{n}.trainable", g.trainable) for n, g in config.groups.items()]
+  for owner, patterns in owners:
+    for pattern in patterns:
+      if not any(is_trainable(p, [pattern]) for p in paths):
+        raise ConfigError(f"{owner} entry {pattern!r} matches no variable; paths look like: "
+                          f"{', '.join(paths[:3])}, ..., {paths[-1]}")

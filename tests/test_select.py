@@ -338,3 +338,31 @@ def test_selection_file(tmp_path):
   (tmp_path / "bad.json").write_text("[1, 2]")
   with pytest.raises(ValueError, match="not a selection"):
     retrieve.read_selection(tmp_path / "bad.json")
+
+
+def _errordriven(arg="scale=0.02,budgets=24,pool=96"):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", "configs/shapes_errordriven.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("stages.errors_24.select.method", "best", r"config.select.method='best' is not valid"),
+    ("stages.errors_24.select.teacher", "model", r"teacher_stage='' names no earlier stage"),
+    ("stages.random_24.select.budget", 0, r"config.select.budget=0 must be > 0"),
+    ("select.pool.tsk", "vqa", r"config.select.pool.tsk is not a data key"),
+    ("select.pool.pool_mix", (("vqa", 1.0), ("video_caption", 1.0)), r"config.select.pool: data.pool_mix="),
+])
+def test_select_config_errors_are_one_line(key, value, match):
+  from mmjax import config_lib
+  c = _errordriven()
+  node = c
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=match) as e:
+    config_lib.validate(c, 1)
+  assert "\n" not in str(e.value) and str(e.value).startswith("stage '")

@@ -58,3 +58,18 @@ def test_two_stage_recipe_chains_and_resumes(tmp_path):
   # a restart skips both finished stages and reports the same metrics
   again = stages.train_and_evaluate(c, str(tmp_path))
   assert again["finetune"]["eval_after"] == pytest.approx(fine["eval_after"])
+
+
+def test_table_shows_a_start_row_only_for_new_starting_points():
+  from mmjax.train import stages
+  a, b, c = {"missing": 0.0}, {"missing": 1.0}, {"missing": 0.4}
+  results = {"pretrain": dict(eval_before=b, eval_after=a),  # first stage: no start row
+             "directed": dict(eval_before=a, eval_after=c),  # starts where pretrain ended: no start row
+             "joint": dict(eval_before={"missing": 0.9}, eval_after=c)}
+  rows = stages._table(results).splitlines()
+  assert [r.split()[0] + (" " + r.split()[1] if "@start" in r else "") for r in rows[1:]] == \
+      ["pretrain", "directed", "joint @start", "joint"]
+  results["directed"]["eval_before"] = b  # a new eval task (not in any row above): a start row
+  assert "directed @start" in stages._table(results)
+  results["joint"]["eval_before"] = b  # the same start as directed: shown once
+  assert "joint @start" not in stages._table(results)

@@ -32,7 +32,7 @@ from mmjax.data import sources, tokenizer as tokenizer_lib
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 SOURCES = ("generated", "jsonl", "arrayrecord", "tfds", "shapes", "coco")
-SHAPES_TASKS = ("image_caption", "vqa", "video_caption")
+SHAPES_TASKS = ("image_caption", "vqa", "video_caption", "pool")
 MEDIA_FIELDS = ("images", "frames")
 
 
@@ -51,7 +51,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       text_key="text",  # record field with plain text (loss on all tokens)
       prompt_key="prompt",  # record field with the prompt (no loss)
       response_key="response",  # record field with the response (loss)
-      tokenizer="builtin",  # 'builtin' or a local Hugging Face tokenizer directory
+      tokenizer="builtin",  # 'builtin' (characters), 'builtin_words' (shapes words) or a local HF tokenizer dir
       packing=False,  # pack several examples per row (segment ids 1, 2, ...)
       num_train_examples=20_000,  # generated train set size
       num_eval_examples=256,  # generated eval set size; 0 = no eval set
@@ -60,8 +60,17 @@ def default_data_config() -> ml_collections.ConfigDict:
       image_size=32,  # images are resized (jsonl image paths) or rendered (shapes) at this size
       max_objects=3,  # shapes: objects per image
       video_frames=5,  # shapes: frames per video
+      max_events=4,  # shapes: most events per video (<= video_frames)
+      timed=False,  # shapes: video captions state each event's frame (" at frame 2"); scored as `timing`
+      qa_skills=("count", "colour", "shape", "size", "position", "existence"),  # shapes vqa: question kinds asked
+      pool_mix=(("image_caption", 1.0), ("vqa", 3.0)),  # shapes task 'pool': (task, weight) pairs; image
+      #                                                  tasks and video_caption do not mix in one batch
       responses_path="",  # JSONL of {"index", "response"}: train on those records of the train
       #                     source with these responses (rebirth SFT on a model's own answers)
+      indices_path="",  # a selection file ({"indices": [...]}, mmjax.select.retrieve.write_selection):
+      #                   train on only those records of the train source (data selection)
+      drop_media=False,  # drop images/frames from the records: text-only examples (e.g. a language
+      #                    model's adapter trained on captions alone in directed fine-tuning)
   ))
 
 
@@ -75,8 +84,8 @@ def validate_data_config(data_cfg) -> None:
   if c.source not in SOURCES:
     raise _bad("source", c.source, f"expected one of {', '.join(SOURCES)}")
   tok = c.tokenizer
-  if tok != tokenizer_lib.BUILTIN and not os.path.isfile(os.path.join(str(tok), "tokenizer.json")):
-    raise _bad("tokenizer", tok, "expected 'builtin' or a local directory holding tokenizer.json")
+  if tok not in tokenizer_lib.BUILTINS and not os.path.isfile(os.path.join(str(tok), "tokenizer.json")):
+    raise _bad("tokenizer", tok, "expected 'builtin', 'builtin_words' or a local directory holding tokenizer.json")
   for key in ("text_key", "prompt_key", "response_key"):
     if not isinstance(c[key], str) or not c[key]:
       raise _bad(key, c[key], "expected a non-empty field name")
@@ -90,6 +99,17 @@ def validate_data_config(data_cfg) -> None:
       raise _bad("task", c.task, f"data.source='shapes' expects one of {', '.join(SHAPES_TASKS)}")
     if c.packing:
       raise _bad("packing", c.packing, "packing is not supported with images or videos; set it to False")
+    from mmjax.data import shapes
+    if not c.qa_skills or any(k not in shapes.QA_SKILLS for k in c.qa_skills):
+      raise _bad("qa_skills", c.qa_skills, f"expected a non-empty tuple from {', '.join(shapes.QA_SKILLS)}")
+    if c.task == "pool":
+      mix = dict(tuple(p) for p in c.pool_mix)
+      used = {t for t, w in mix.items() if w > 0}
+      if not used or not used <= set(SHAPES_TASKS) - {"pool"} or ("video_caption" in used and len(used) > 1):
+        raise _bad("pool_mix", c.pool_mix, "expected (task, weight) pairs of image tasks (image_caption, vqa) "
+                   "or of video_caption alone (a batch holds images or videos, not both)")
+    if not 1 <= c.max_events <= c.video_frames:
+      raise _bad("max_events", c.max_events, f"expected 1 <= max_events <= data.video_frames ({c.video_frames})")
   if c.source in ("generated", "shapes"):
     if c.source == "generated" and c.task not in sources.GENERATED_TASKS:
       raise _bad("task", c.task, f"expected one of {', '.join(sources.GENERATED_TASKS)}")
@@ -299,10 +319,60 @@ class _ReplacedResponses:
     return f"_ReplacedResponses({self.source!r}, {len(self)} responses)"
 
 
-def _open_source(data_cfg, split: str):
+class _Subset:
+  """The records of `source` at the indices of a selection file, in the file's order."""
+
+  def __init__(self, source, path: str):
+    from mmjax.select import retrieve
+    if not os.path.isfile(path):
+      raise ValueError(f"data.indices_path={path!r} does not exist; expected a selection file "
+                       "written by mmjax.select.retrieve.write_selection")
+    try:
+      self.indices, _ = retrieve.read_selection(path)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+      raise ValueError(f"data.indices_path={path!r} is not a selection file: {e}") from None
+    self.source = source
+    bad = [int(i) for i in self.indices if not 0 <= i < len(source)]
+    if bad:
+      raise ValueError(f"data.indices_path={path!r} holds index {bad[0]}, outside the train source "
+                       f"{source!r} of {len(source)} records")
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[int(i)])]
+
+  def __repr__(self):
+    return f"_Subset({self.source!r}, {len(self)} of {len(self.source)})"
+
+
+class _TextOnly:
+  """`source`'s records without their pixels (`image`, `frames` and the arrays that go with them)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return {k: v for k, v in self.source[i].items() if k not in ("image", "frames", "masks", "boxes", "visible")}
+
+  def __repr__(self):
+    return f"_TextOnly({self.source!r})"
+
+
+def open_source(data_cfg, split: str):
+  """The train or eval source of a data config, with `responses_path`, `indices_path`
+  (train only) and `drop_media` applied; None when the split has no source."""
   source = sources.make_source(data_cfg, split)
   if split == "train" and data_cfg.get("responses_path") and source is not None:
     source = _ReplacedResponses(source, data_cfg.responses_path)
+  if split == "train" and data_cfg.get("indices_path") and source is not None:
+    source = _Subset(source, data_cfg.indices_path)
+  if data_cfg.get("drop_media") and source is not None:
+    source = _TextOnly(source)
   if source is not None and len(source) == 0:
     raise ValueError(f"data {split} source {source!r} has no records")
   return source
@@ -318,7 +388,7 @@ def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, 
   validate_data_config(data_cfg)
   local = _local_batch(global_batch, process_index, process_count)
   seed = int(seed) % 2**32
-  source = _open_source(data_cfg, "train")
+  source = open_source(data_cfg, "train")
   ds = grain.MapDataset.source(source)
   if data_cfg.shuffle:
     ds = ds.shuffle(seed=seed)
@@ -377,7 +447,7 @@ def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
   """
   validate_data_config(data_cfg)
   local = _local_batch(batch, process_index, process_count)
-  source = _open_source(data_cfg, "eval")
+  source = open_source(data_cfg, "eval")
   if source is None:
     return []
   fn = example_fn or functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len,

@@ -294,7 +294,10 @@ def make_source(data_cfg, split: str):
     from mmjax.data import shapes
     size = data_cfg.num_train_examples if train else data_cfg.num_eval_examples
     cfg = shapes.ShapesConfig(image_size=data_cfg.image_size, max_objects=data_cfg.max_objects,
-                              video_frames=data_cfg.video_frames)
+                              video_frames=data_cfg.video_frames, max_events=data_cfg.max_events,
+                              min_events=min(2, data_cfg.max_events), timed=data_cfg.timed,
+                              pool_mix=tuple((str(t), float(w)) for t, w in data_cfg.pool_mix),
+                              qa_skills=tuple(data_cfg.qa_skills))
     return shapes.ShapesSource(data_cfg.task, size, seed=0 if train else 1, split=split, cfg=cfg) if size > 0 else None
   if data_cfg.source == "coco":
     from mmjax.data import coco

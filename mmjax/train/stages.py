@@ -26,7 +26,11 @@ def stage_config(config, name: str) -> ml_collections.ConfigDict:
   """The run config of stage `name`: the top-level config with the stage's keys applied."""
   out = ml_collections.ConfigDict(config.to_dict())
   overrides = config.stages[name]
+  if "groups" in overrides:  # a stage's groups replace the config's as a whole
+    out.groups = ml_collections.ConfigDict(overrides.groups.to_dict())
   for path, value in _leaves(overrides):
+    if path.startswith("groups."):
+      continue
     node = out
     *parents, leaf = path.split(".")
     for p in parents:
@@ -104,6 +108,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     base_params = _import_hf(cfg, run) if base == "hf" else base
     if cfg.distill_from_stage:  # rebirth: SFT on an earlier stage's own answers, generated once
       cfg = _with_distill_data(cfg, sdir, run, finals, name, tokenizer, mesh)
+    if cfg.select.method:  # error-driven selection: train on pool records chosen once, before training
+      from mmjax.select import recipe as select_recipe
+      os.makedirs(sdir, exist_ok=True)
+      with jax.set_mesh(mesh):
+        params = base_params if base_params is not None else loop.random_params(run, jax.random.key(cfg.seed))
+        path = select_recipe.select_for_stage(cfg, sdir, run, params, tokenizer, finals,
+                                              log=lambda m: print(f"[{name}] {m}", flush=True))
+      cfg = select_recipe.with_selection(cfg, path)
     summary = loop.train_stage(cfg, sdir, mesh, tokenizer, base_params,
                                label=name if config.stage_order else "")
     results[name] = summary
@@ -211,6 +223,8 @@ def _restore_params(path, run):
 
 
 def _table(results: dict) -> str:
+  """Each stage's eval after training; a `NAME @start` row before a stage whose starting
+  metrics are in no row above (a new eval task, e.g. the base model a comparison starts from)."""
   keys = []
   for r in results.values():
     for k in (r.get("eval_after") or {}):
@@ -219,8 +233,15 @@ def _table(results: dict) -> str:
   w = max([14] + [len(k) + 2 for k in keys])
   first = any("first_dpo_loss" in r for r in results.values())
   rows = [f"{'stage':<16}" + "".join(f"{k:>{w}}" for k in keys) + (f"{'first_dpo_loss':>{w}}" if first else "")]
+  row = lambda label, ev, extra="": rows.append(f"{label:<16}" + "".join(f"{ev.get(k, float('nan')):>{w}.4f}"
+                                                                       for k in keys) + extra)
+  shown = []
   for name, r in results.items():
+    before = r.get("eval_before") or {}
+    if shown and before and before not in shown:  # a new eval task, or a start from an earlier stage
+      row(f"{name} @start", before, f"{'':>{w}}" if first else "")
+      shown.append(before)
     ev = r.get("eval_after") or {}
-    rows.append(f"{name:<16}" + "".join(f"{ev.get(k, float('nan')):>{w}.4f}" for k in keys)
-                + (f"{r.get('first_dpo_loss', float('nan')):>{w}.4f}" if first else ""))
+    row(name, ev, f"{r.get('first_dpo_loss', float('nan')):>{w}.4f}" if first else "")
+    shown.append(ev)
   return "\n".join(rows)
