@@ -136,3 +136,12 @@ def test_timed_video_captions_parse_back_and_score_timing():
   assert m["timing"] == 0.5 and captions.parse_times("a red circle appears at the top") == [None]
   assert "timing" not in captions.caption_metrics("first a red circle appears at the top.", truth, "video")
   assert captions.aggregate([m, m])["timing"] == 0.5
+
+
+def test_generation_score_breaks_question_answers_down_by_kind():
+  from mmjax.evals import generation
+  recs = [dict(kind="vqa", skills=("count", "shape"), response="2"), dict(kind="vqa", skills=("position",), response="top"),
+          dict(kind="vqa", skills=("count",), response="1")]
+  out = generation.score(recs, ["2", "left", " 1 "])
+  assert out == {"gen_exact_match": 2 / 3, "gen_exact_count": 1.0, "gen_exact_position": 0.0}
+  assert generation.score(recs[:1], ["3"]) == {"gen_exact_match": 0.0}  # one kind: no breakdown

@@ -23,3 +23,52 @@ def test_shapes_vlm_recipe_end_to_end(tmp_path):
   again = run_main(["--config", "configs/shapes_vlm.py:scale=0.02,eval=4", "--config.sample_eval.max_new_tokens=24",
                     "--config.stages.finetune.sample_eval.max_new_tokens=24", "--workdir", str(tmp_path)])
   assert again.returncode == 0 and "step 1/" not in again.stdout
+
+
+@pytest.mark.slow
+def test_shapes_directed_recipe_end_to_end(tmp_path):
+  args = ["--config", "configs/shapes_directed.py:mode=interleaved,scale=0.02,eval=4,image=64,video=64,text=64",
+          "--config.sample_eval.max_new_tokens=12", "--workdir", str(tmp_path)]
+  r = run_main(args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.load(open(tmp_path / "results.json"))
+  assert set(results) == {"pretrain", "directed", "joint"}
+  for stage in ("directed", "joint"):
+    assert "timing" in results[stage]["eval_after"] and "missing" in results[stage]["eval_after"]
+  assert "directed @start" in r.stdout  # the base model on the target task
+  # interrupted mid-recipe: drop the joint stage's result and its last checkpoint; a restart resumes it
+  import shutil
+  joint = tmp_path / "stages" / "joint"
+  os.remove(joint / "done.json")
+  shutil.rmtree(joint / "final")
+  again = run_main(args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "[joint] resumed from" in again.stdout and "[directed]" not in again.stdout.split("[joint]")[0]
+
+
+@pytest.mark.slow
+def test_shapes_errordriven_recipe_end_to_end(tmp_path):
+  args = ["--config", "configs/shapes_errordriven.py:scale=0.02,budgets=24-48,pool=96,val=8,eval=4",
+          "--config.sample_eval.max_new_tokens=12", "--workdir", str(tmp_path)]
+  r = run_main(args)
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.load(open(tmp_path / "results.json"))
+  assert set(results) == {"student", "errors_24", "random_24", "errors_48", "random_48", "full"}
+  from mmjax.select import retrieve
+  for name, n in (("errors_24", 24), ("random_24", 24), ("errors_48", 48), ("full", 96)):
+    idx, meta = retrieve.read_selection(tmp_path / "stages" / name / "selection.json")
+    assert len(idx) == n == len(set(idx.tolist())) and meta["pool"] == 96
+  _, meta = retrieve.read_selection(tmp_path / "stages" / "errors_24" / "selection.json")
+  assert meta["errors"] > 0 and abs(sum(meta["profile"].values()) - 1) < 1e-6
+  # the standalone CLI computes the same selection from the finished student
+  from helpers import ROOT, subprocess_env
+  import subprocess
+  import sys
+  out = tmp_path / "again.json"
+  cli = subprocess.run([sys.executable, "tools/select_data.py", *args[:2], "--workdir", str(tmp_path),
+                        "--stage", "errors_24", "--out", str(out), "--config.sample_eval.max_new_tokens=12"],
+                       cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert cli.returncode == 0, cli.stderr[-3000:]
+  same, _ = retrieve.read_selection(out)
+  want, _ = retrieve.read_selection(tmp_path / "stages" / "errors_24" / "selection.json")
+  assert same.tolist() == want.tolist()

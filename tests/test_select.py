@@ -366,3 +366,12 @@ def test_select_config_errors_are_one_line(key, value, match):
   with pytest.raises(config_lib.ConfigError, match=match) as e:
     config_lib.validate(c, 1)
   assert "\n" not in str(e.value) and str(e.value).startswith("stage '")
+
+
+def test_probe_questions_ask_every_kind_about_a_failed_image():
+  from mmjax.select import recipe
+  rec = shapes.ShapesSource("vqa", 4, cfg=shapes.ShapesConfig(qa_skills=("colour",)))[2]
+  qs = recipe.probe_questions(rec)
+  assert [q[2] for q in qs] == list(shapes.QA_SKILLS) and qs == recipe.probe_questions(rec)
+  video = shapes.ShapesSource("video_caption", 2)[0]
+  assert recipe.probe_questions(video) == []

@@ -189,7 +189,8 @@ def test_questions_are_answered_by_the_facts():
     for question, answer, skill in ex["qa"]:
       assert _answer(question, ex["facts"]) == answer, (question, answer, ex["facts"])
       assert set(question + answer) <= CHARSET
-    assert (ex["prompt"], ex["response"], ex["skills"][0]) in ex["qa"] and len(ex["skills"]) == 1
+    assert (ex["prompt"], ex["response"], ex["skills"][0]) in ex["qa"]
+    assert ex["skills"] == shapes.question_skills(ex["prompt"], ex["skills"][0])
     skills.add(ex["skills"][0])
   assert skills == set(shapes.QA_SKILLS)
   answers = [a for i in range(200) for q, a, s in src[i]["qa"] if s == "existence"]
@@ -254,3 +255,13 @@ def test_fast_enough():
   for i in range(400):
     src[i]
   assert (time.perf_counter() - start) / 400 < 5e-3  # typically ~0.3 ms
+
+
+def test_question_skills_name_what_the_wording_needs():
+  q = shapes.question_skills
+  assert q("what size is the red circle?", "size") == ("size", "colour", "shape")
+  assert q("what colour is the object at the top left?", "colour") == ("colour", "position")
+  assert q("how many circles are there?", "count") == ("count", "shape")
+  assert q("how many objects are there?", "count") == ("count",)
+  assert q("is there a blue triangle?", "existence") == ("existence", "colour", "shape")
+  assert q("where is the large square?", "position") == ("position", "shape", "size")

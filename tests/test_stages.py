@@ -73,3 +73,7 @@ def test_table_shows_a_start_row_only_for_new_starting_points():
   assert "directed @start" in stages._table(results)
   results["joint"]["eval_before"] = b  # the same start as directed: shown once
   assert "joint @start" not in stages._table(results)
+  # a DPO round scores fewer keys than the SFT stage before it; equal on the shared ones: no start row
+  rows = stages._table({"sft": dict(eval_before=b, eval_after={"missing": 0.3, "loss": 1.0}),
+                        "dpo_1": dict(eval_before={"missing": 0.3}, eval_after={"missing": 0.2})})
+  assert "@start" not in rows

@@ -41,7 +41,8 @@ source (`__len__`, `__getitem__`) for Grain. kind:
 
 Record keys, every kind: `kind` (the task: image_caption | vqa | video_caption), `index`,
 `prompt`, `response`, `caption`, `facts` (list of tuples), `qa` (list of (question, answer,
-skill)), `skills` (tuple of tags from SKILLS), `classes` int32 [n]. Images add `image` uint8
+skill)), `skills` (tuple of tags from SKILLS: a question's asked skill first, then those its
+wording exercises, see `question_skills`; a caption's CAPTION_SKILLS; a video's VIDEO_SKILLS), `classes` int32 [n]. Images add `image` uint8
 [H, W, 3], `boxes` float32 [n, 4], `masks` bool [n, H, W]. Videos add `frames` uint8 [T, H,
 W, 3], `boxes` float32 [T, n, 4] (0 where absent), `masks` bool [T, n, H, W], `visible` bool
 [T, n], `times` (per step, the first frame that shows its event), `timed` (the caption
@@ -259,6 +260,21 @@ def _unique_refs(facts, fact, asked):
   return out
 
 
+_WORD_SKILLS = {**{c: "colour" for c in COLOURS}, **{sh: "shape" for sh in SHAPES}, **{p: "shape" for p in PLURALS.values()},
+                **{z: "size" for z in SIZES}}
+
+
+def question_skills(question: str, skill: str) -> tuple:
+  """The skills a question exercises: the one it asks about first, then those its wording
+  needs to pick the object out ("what size is the red circle?" -> size, colour, shape;
+  "... at the top left?" -> position)."""
+  words = question.rstrip("?").split()
+  used = {_WORD_SKILLS[w] for w in words if w in _WORD_SKILLS}
+  if " at the " in question:
+    used.add("position")
+  return (skill,) + tuple(k for k in SKILLS if k in used and k != skill)
+
+
 def make_question(facts, skill: str, rng: random.Random, cfg: ShapesConfig) -> tuple:
   """(question, answer, skill) about the objects `facts` of one image."""
   if skill == "count":
@@ -440,7 +456,7 @@ class ShapesSource:
       ex["qa"] = [make_question(ex["facts"], s, rng, self.cfg) for s in self.cfg.qa_skills]
       if task == "vqa":
         question, answer, skill = ex["qa"][rng.randrange(len(ex["qa"]))]
-        ex.update(prompt=question, response=answer, skills=(skill,))
+        ex.update(prompt=question, response=answer, skills=question_skills(question, skill))
       else:
         ex.update(prompt=IMAGE_PROMPT, response=ex["caption"], skills=CAPTION_SKILLS)
     del ex["rng"]

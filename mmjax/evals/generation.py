@@ -1,6 +1,7 @@
 """Held-out evaluation by generation: greedy answers from the model, scored against the truth.
 
-Every record scores `exact_match` (the decoded answer equals the reference response);
+Every record scores `exact_match` (the decoded answer equals the reference response;
+shapes questions of more than one kind also per kind, `gen_exact_<skill>`);
 shapes caption records (with atomic `facts`) also score missing, hallucination and
 repetition rates through `mmjax.evals.captions`.
 """
@@ -58,6 +59,12 @@ def score(records, answers) -> dict:
   """exact_match over all records, plus aggregated caption metrics for caption records."""
   exact = [float(a.strip() == r["response"].strip()) for r, a in zip(records, answers)]
   out = {"gen_exact_match": float(np.mean(exact)) if exact else 0.0}
+  by_skill = {}  # shapes questions: exact match per question kind
+  for r, e in zip(records, exact):
+    if r.get("kind") == "vqa" and r.get("skills"):  # a question's first skill is the one it asks
+      by_skill.setdefault(r["skills"][0], []).append(e)
+  if len(by_skill) > 1:
+    out.update({f"gen_exact_{k}": float(np.mean(v)) for k, v in sorted(by_skill.items())})
   caps = [captions.caption_metrics(a, r["facts"], "video" if r.get("kind") == "video_caption" else "image",
                                    r["times"] if r.get("timed") else None)
           for r, a in zip(records, answers) if r.get("kind") in ("image_caption", "video_caption")]

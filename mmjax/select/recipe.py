@@ -7,8 +7,8 @@ train set; `config.data` stays the stage's eval data (the target task). Before t
   errors  the stage's starting model (the student) answers `select.val_examples` held-out
           target records greedily; each wrong answer is an error (`gaps.collect_errors`);
           the teacher (`select.teacher`: 'facts', the exact atomic-fact analyser, or
-          'model', the final weights of stage `select.teacher_stage` answering each
-          failed record's per-skill questions next to the student) names the missing
+          'model', the final weights of stage `select.teacher_stage` answering every kind
+          of question about each failed image next to the student) names the missing
           skills and `gaps.gap_profile` sums them; `budget` pool records are retrieved,
           round(mix * budget) by cosine similarity of the student's own vision features
           (mean tower tokens of the image, or of the frames) to the failed records', the
@@ -140,7 +140,20 @@ def _model_teacher(run, teacher_variables, student_variables, tokenizer):
       return generation.generate_answers(run, variables, recs, tokenizer, max_new_tokens=8,
                                          batch=run.config.eval_batch_size)
     return fn
-  return teachers.ModelTeacher(answer_fn(teacher_variables), answer_fn(student_variables))
+  return teachers.ModelTeacher(answer_fn(teacher_variables), answer_fn(student_variables), probe_questions)
+
+
+def probe_questions(record: dict) -> list[tuple]:
+  """Every kind of shapes question about a failed image (seeded by its index), so the model
+  teacher probes all skills, not only those the target task asks; videos: their own `qa`."""
+  import random
+  from mmjax.data import shapes
+  facts = record.get("facts") or []
+  if not facts or facts[0][0] != "object":
+    return teachers.record_questions(record)
+  cfg = shapes.ShapesConfig()
+  return [shapes.make_question(facts, k, random.Random(f"probe/{record.get('index')}/{k}"), cfg)
+          for k in shapes.QA_SKILLS]
 
 
 def select_for_stage(config, sdir: str, run, params, tokenizer, finals: dict, log=print) -> str:

@@ -238,7 +238,8 @@ def _table(results: dict) -> str:
   shown = []
   for name, r in results.items():
     before = r.get("eval_before") or {}
-    if shown and before and before not in shown:  # a new eval task, or a start from an earlier stage
+    same = lambda a, b: bool(set(a) & set(b)) and all(a[k] == b[k] for k in set(a) & set(b))
+    if shown and before and not any(same(before, x) for x in shown):  # a new eval task or starting point
       row(f"{name} @start", before, f"{'':>{w}}" if first else "")
       shown.append(before)
     ev = r.get("eval_after") or {}
