@@ -196,13 +196,11 @@ def select_for_stage(config, sdir: str, run, params, tokenizer, finals: dict, lo
     per_skill = collections.Counter(k for i in indices for k in skills[int(i)])
     meta.update(errors=len(errors), val_examples=len(val), profile=profile, teacher=s.teacher,
                 selected_per_skill=dict(sorted(per_skill.items())))
-  meta.update(budget=len(indices), seconds=round(time.perf_counter() - t0, 1))
-  if jax.process_index() == 0:
-    retrieve.write_selection(path, indices, meta)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("selection written")
-  log(f"selection ({s.method}): {len(indices)} of {n_pool} pool records -> {path}"
+  meta["budget"] = len(indices)
+  # Every process computes the same selection; each writes it (atomically, the same bytes), so
+  # the file is there on local disks and a shared one alike.
+  retrieve.write_selection(path, indices, meta)
+  log(f"selection ({s.method}, {time.perf_counter() - t0:.1f}s): {len(indices)} of {n_pool} pool records -> {path}"
       + (f"; gap profile {', '.join(f'{k}={v:.2f}' for k, v in meta['profile'].items())}" if "profile" in meta else ""))
   return path
 
