@@ -358,3 +358,47 @@ def test_iterator_checkpoints_with_orbax(tmp_path, tok):
   with ocp.CheckpointManager(str(tmp_path), options=options, item_names=("data",)) as mngr:
     mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
   assert _equal(_take(fresh, 3), want)
+
+
+def test_jsonl_records_with_image_paths_feed_a_vlm_batch(tmp_path):
+  from PIL import Image
+  from mmjax.data import pipeline
+  rng = np.random.default_rng(0)
+  pixels = [rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8) for _ in range(3)]
+  (tmp_path / "img").mkdir()
+  for i, p in enumerate(pixels):
+    Image.fromarray(p).save(tmp_path / "img" / f"{i}.png")
+  lines = [{"prompt": "describe.", "response": f"picture {i}", "image": f"img/{i}.png"} for i in range(3)]
+  lines.append({"prompt": "describe.", "response": "a clip", "image": ["img/0.png", "img/1.png"]})
+  path = tmp_path / "train.jsonl"
+  path.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+  src = sources.JsonlSource(str(path))
+  assert src[1]["image"] == str(tmp_path / "img" / "1.png") and src[3]["frames"][1].endswith("1.png")
+  tok = tokenizer_lib.load_tokenizer("builtin")
+  row = pipeline.tokenize_record(src[2], tok, 32, {"image": 4, "video": 8}, image_size=16)
+  want = np.asarray(Image.fromarray(pixels[2]).resize((16, 16), Image.BICUBIC), np.float32) / 127.5 - 1
+  np.testing.assert_allclose(row["images"], want, atol=1e-6)
+  assert (row["tokens"][1:5] == tok.image_id).all() and row["loss_mask"][:5].sum() == 0
+  video = pipeline.tokenize_record(src[3], tok, 32, {"image": 4, "video": 8}, image_size=16)
+  assert video["frames"].shape == (2, 16, 16, 3) and (video["tokens"][1:9] == tok.image_id).all()
+  # a missing image file is a one-line error with the file and line
+  path.write_text(json.dumps({"prompt": "p", "response": "r", "image": "img/9.png"}) + "\n")
+  with pytest.raises(sources.RecordError, match=r"train.jsonl:1: 'image' names .*img/9.png, which does not exist"):
+    sources.JsonlSource(str(path))[0]
+
+
+def test_tfds_image_text_records(monkeypatch):
+  fake = types.ModuleType("tensorflow_datasets")
+  img = np.zeros((8, 6, 3), np.uint8)
+  img[..., 0] = 200
+  fake.data_source = lambda name, split, data_dir: [{"image": img, "caption": b"a red image", "q": b"describe"}]
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  src = sources.TfdsSource("toy_captions", "train", prompt_key="q", response_key="caption", image_key="image")
+  rec = src[0]
+  assert rec["prompt"] == "describe" and rec["response"] == "a red image" and rec["image"].shape == (8, 6, 3)
+  from mmjax.data import pipeline
+  px = pipeline.load_image(rec["image"], 4)
+  assert px.shape == (4, 4, 3) and np.allclose(px[..., 0], 200 / 127.5 - 1, atol=0.02)
+  fake.data_source = lambda name, split, data_dir: [{"image": np.zeros((2, 2, 5)), "q": b"x", "caption": b"y"}]
+  with pytest.raises(sources.RecordError, match=r"tfds toy_captions\[train\] #0: 'image' has shape \(2, 2, 5\)"):
+    sources.TfdsSource("toy_captions", "train", prompt_key="q", response_key="caption")[0]

@@ -99,3 +99,38 @@ def test_sharded_vlm_step_matches_one_device():
     assert run.train_step._cache_size() == 1
   assert "images" in run.objective.batch_fields
   np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-5)
+
+
+def test_vlm_trains_on_jsonl_records_with_image_files(tmp_path):
+  """A VLM step on a JSONL file whose records name PNG files (decoded and resized by PIL)."""
+  import json
+  from PIL import Image
+  from mmjax.data import pipeline
+  from mmjax.data.tokenizer import load_tokenizer
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(8):
+    Image.fromarray(rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    lines.append(json.dumps({"prompt": "what is it?", "response": f"thing {i}", "image": f"{i}.png"}))
+  (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+  tok = load_tokenizer("builtin")
+  config = tiny_config(steps=2)
+  config.model.update(name="vlm", vocab_size=-1)
+  config.vision.update(image_size=32, patch_size=16, d_model=20, n_layers=1, n_heads=2, head_dim=10, mlp_dim=28)
+  config.data.update(source="jsonl", train_path=str(tmp_path / "train.jsonl"), image_size=32)
+  config.optimizer.warmup_steps = 0
+  config.lora.targets = r".*(q_proj|v_proj|fc1|linear_1)"
+  config.seq_len = 32
+  config.mesh.update(data=1)
+  run = loop.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), tok)
+  assert run.objective.batch_fields[-1] == "images"
+  it = pipeline.make_train_iterator(config.data, global_batch=8, seq_len=32, seed=0, tokenizer=tok,
+                                    visual_tokens=run.visual_tokens)
+  state = run.init_state(jax.random.key(0))
+  batch = next(it)
+  assert batch["images"].shape == (8, 32, 32, 3)
+  losses = []
+  for _ in range(2):
+    state, m = run.train_step(state, run.global_batch(batch), jax.random.key(1))
+    losses.append(float(m["loss"]))
+  assert np.isfinite(losses).all() and losses[1] < losses[0]

@@ -51,6 +51,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       text_key="text",  # record field with plain text (loss on all tokens)
       prompt_key="prompt",  # record field with the prompt (no loss)
       response_key="response",  # record field with the response (loss)
+      image_key="image",  # record field with media: an image path (relative to the JSONL file) or pixels
+      #                     (TFDS), or a list of them (video frames); VLMs only
       tokenizer="builtin",  # 'builtin' (characters), 'builtin_words' (shapes words) or a local HF tokenizer dir
       packing=False,  # pack several examples per row (segment ids 1, 2, ...)
       num_train_examples=20_000,  # generated train set size

@@ -29,10 +29,48 @@ class RecordError(ValueError):
   """A record that is not valid JSON or matches none of the record formats; one line."""
 
 
-def to_record(raw, where: str, text_key="text", prompt_key="prompt", response_key="response") -> dict:
-  """Maps a raw dict onto one of the three record formats; `where` names it in errors."""
+def to_record(raw, where: str, text_key="text", prompt_key="prompt", response_key="response",
+              image_key="image", base_dir: str | None = None) -> dict:
+  """Maps a raw dict onto one of the three record formats; `where` names it in errors.
+
+  A record may carry media under `image_key`: an image file path (relative paths are taken
+  from `base_dir`, the JSONL file's directory), uint8 pixels [H, W, 3] (TFDS images), or a
+  list of either (the frames of a video); it comes out as `image` (one) or `frames` (a list).
+  """
   if not isinstance(raw, dict):
     raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+  out = _text_record(raw, where, text_key, prompt_key, response_key)
+  if image_key and raw.get(image_key) is not None:
+    media = raw[image_key]
+    if isinstance(media, (list, tuple)):
+      if not media:
+        raise RecordError(f"{where}: {image_key!r} is an empty list; expected image paths (the frames of a video)")
+      out["frames"] = [_media(m, where, image_key, base_dir) for m in media]
+    else:
+      out["image"] = _media(media, where, image_key, base_dir)
+  return out
+
+
+def _media(value, where, key, base_dir):
+  """One image of a record: an existing file path, or pixels as uint8 [H, W, 3]."""
+  if isinstance(value, bytes):
+    value = value.decode("utf-8")
+  if isinstance(value, str):
+    path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
+    if not os.path.isfile(path):
+      raise RecordError(f"{where}: {key!r} names {path}, which does not exist")
+    return path
+  arr = np.asarray(value)
+  if arr.ndim == 2:  # grayscale
+    arr = np.repeat(arr[..., None], 3, axis=-1)
+  if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+    raise RecordError(f"{where}: {key!r} has shape {arr.shape}; expected a file path or pixels [H, W, 3]")
+  if arr.shape[-1] == 1:
+    arr = np.repeat(arr, 3, axis=-1)
+  return arr[..., :3].astype(np.uint8)
+
+
+def _text_record(raw, where, text_key, prompt_key, response_key) -> dict:
   if "messages" in raw:
     msgs = raw["messages"]
     ok = isinstance(msgs, list) and msgs and all(
@@ -130,7 +168,7 @@ class JsonlSource:
       obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise RecordError(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
-    return to_record(obj, where, **self.keys)
+    return to_record(obj, where, base_dir=os.path.dirname(os.path.abspath(self.paths[f])), **self.keys)
 
   def __repr__(self):
     return f"JsonlSource({self.paths}, n={len(self)})"
@@ -181,7 +219,7 @@ class ArrayRecordSource:
       obj = json.loads(self._source[index])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise RecordError(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
-    return to_record(obj, where, **self.keys)
+    return to_record(obj, where, base_dir=os.path.dirname(os.path.abspath(self.paths[0])), **self.keys)
 
   def __repr__(self):
     return f"ArrayRecordSource({self.paths}, n={len(self)})"
@@ -284,7 +322,8 @@ class GeneratedTask:
 
 def make_source(data_cfg, split: str):
   """The train or eval source named by a data config, or None when eval has none."""
-  keys = dict(text_key=data_cfg.text_key, prompt_key=data_cfg.prompt_key, response_key=data_cfg.response_key)
+  keys = dict(text_key=data_cfg.text_key, prompt_key=data_cfg.prompt_key, response_key=data_cfg.response_key,
+              image_key=data_cfg.image_key)
   train = split == "train"
   if data_cfg.source == "generated":
     size = data_cfg.num_train_examples if train else data_cfg.num_eval_examples
