@@ -504,7 +504,8 @@ def from_json_record(raw) -> dict:
 def write_arrayrecord(source, path: str, indices=None) -> int:
   """Writes examples of `source` as JSON records to one ArrayRecord file; returns the count.
 
-  `sources.ArrayRecordSource(path)` reads them back as prompt/response records (text only);
+  `sources.ArrayRecordSource(path)` reads them back as prompt/response records with their
+  `image` or `frames` (what `data.source='arrayrecord'` trains a VLM on);
   `from_json_record(raw_bytes)` restores the full example, arrays included.
   """
   from mmjax.data import sources

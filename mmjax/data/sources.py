@@ -34,21 +34,35 @@ def to_record(raw, where: str, text_key="text", prompt_key="prompt", response_ke
   """Maps a raw dict onto one of the three record formats; `where` names it in errors.
 
   A record may carry media under `image_key`: an image file path (relative paths are taken
-  from `base_dir`, the JSONL file's directory), uint8 pixels [H, W, 3] (TFDS images), or a
-  list of either (the frames of a video); it comes out as `image` (one) or `frames` (a list).
+  from `base_dir`, the data file's directory), uint8 pixels [H, W, 3] (TFDS images), an
+  encoded array (shapes ArrayRecord files; their videos under `frames`), or a list of paths
+  or pixels (the frames of a video); it comes out as `image` (one) or `frames` (a list).
   """
   if not isinstance(raw, dict):
     raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
   out = _text_record(raw, where, text_key, prompt_key, response_key)
-  if image_key and raw.get(image_key) is not None:
-    media = raw[image_key]
+  for key in (image_key, "frames"):  # "frames": the encoded videos of shapes ArrayRecord files
+    media = raw.get(key) if key else None
+    if media is None:
+      continue
+    if isinstance(media, dict) and "b64" in media:  # an encoded array (mmjax.data.shapes.to_json_record)
+      media = _decode_array(media, where, key)
+      media = list(media) if media.ndim == 4 else media
     if isinstance(media, (list, tuple)):
-      if not media:
-        raise RecordError(f"{where}: {image_key!r} is an empty list; expected image paths (the frames of a video)")
-      out["frames"] = [_media(m, where, image_key, base_dir) for m in media]
+      if not len(media):
+        raise RecordError(f"{where}: {key!r} is an empty list; expected image paths (the frames of a video)")
+      out["frames"] = [_media(m, where, key, base_dir) for m in media]
     else:
-      out["image"] = _media(media, where, image_key, base_dir)
+      out["image"] = _media(media, where, key, base_dir)
   return out
+
+
+def _decode_array(value, where, key):
+  import base64
+  try:
+    return np.frombuffer(base64.b64decode(value["b64"]), np.dtype(value["dtype"])).reshape(value["shape"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise RecordError(f"{where}: {key!r} is not an encoded array ({e})") from None
 
 
 def _media(value, where, key, base_dir):
