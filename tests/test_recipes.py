@@ -36,6 +36,7 @@ def test_shapes_directed_recipe_end_to_end(tmp_path):
   for stage in ("directed", "joint"):
     assert "timing" in results[stage]["eval_after"] and "missing" in results[stage]["eval_after"]
   assert "directed @start" in r.stdout  # the base model on the target task
+  assert "directed @start" in (tmp_path / "results.txt").read_text()
   # interrupted mid-recipe: drop the joint stage's result and its last checkpoint; a restart resumes it
   import shutil
   joint = tmp_path / "stages" / "joint"

@@ -6,7 +6,9 @@ the previous stage's result — its params with its adapter merged in — or fro
 named in its `init_from_stage`; the first stage starts from `init_from_hf` or a seeded
 random init. Stage NAME works in `WORKDIR/stages/NAME/`; when it finishes it writes its
 merged params to `final/` and its eval metrics to `done.json`, so a restarted recipe skips
-finished stages and resumes the current one at its last checkpoint.
+finished stages and resumes the current one at its last checkpoint. A finished recipe
+prints a table of every stage's held-out metrics and writes it to `results.txt`, the
+metrics to `results.json` and the loss curves to `loss_curves.png`.
 
 With no stages, the config itself is the only stage and works in WORKDIR.
 """
@@ -141,7 +143,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         first = _first_step(sdir)
         if "dpo_loss" in first and isinstance(results[n], dict):
           results[n]["first_dpo_loss"] = first["dpo_loss"]
-      print(_table(results), flush=True)
+      table = _table(results)
+      print(table, flush=True)
+      with open(os.path.join(workdir, "results.txt"), "w") as f:  # the table as printed
+        f.write(table + "\n")
       with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump({n: {k: r.get(k) for k in ("eval_before", "eval_after", "first_dpo_loss")} for n, r in results.items()},
                   f, indent=1)
