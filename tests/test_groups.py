@@ -62,7 +62,7 @@ def _changed(before, after):
 
 def _owner(path):
   for name, g in GROUPS.items():
-    if groups.state_lib.is_trainable(path, g.trainable if hasattr(g, "trainable") else g["trainable"]):
+    if groups.state_lib.is_trainable(path, g["trainable"]):
       return name
   return None
 

@@ -348,7 +348,8 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
     data_fns = run.objective.data_fns(config, tokenizer) if hasattr(run.objective, "data_fns") else {}
 
     def data_iter(data_cfg, objective):
-      fns = objective.data_fns(config, tokenizer) if hasattr(objective, "data_fns") else {}
+      fns = data_fns if objective is run.objective else (
+          objective.data_fns(config, tokenizer) if hasattr(objective, "data_fns") else {})
       return pipeline.make_train_iterator(
           data_cfg, global_batch=config.batch_size, seq_len=config.seq_len, seed=config.seed,
           process_index=pidx, process_count=pcount, tokenizer=tokenizer, visual_tokens=run.visual_tokens,

@@ -227,6 +227,12 @@ def _restore_params(path, run):
   return ocp.StandardCheckpointer().restore(os.path.abspath(path), run.abstract_params)
 
 
+def _agree(a: dict, b: dict) -> bool:
+  """Two metric dicts share keys and agree on all of them (a DPO round scores fewer keys)."""
+  common = set(a) & set(b)
+  return bool(common) and all(a[k] == b[k] for k in common)
+
+
 def _table(results: dict) -> str:
   """Each stage's eval after training; a `NAME @start` row before a stage whose starting
   metrics are in no row above (a new eval task, e.g. the base model a comparison starts from)."""
@@ -243,8 +249,7 @@ def _table(results: dict) -> str:
   shown = []
   for name, r in results.items():
     before = r.get("eval_before") or {}
-    same = lambda a, b: bool(set(a) & set(b)) and all(a[k] == b[k] for k in set(a) & set(b))
-    if shown and before and not any(same(before, x) for x in shown):  # a new eval task or starting point
+    if shown and before and not any(_agree(before, x) for x in shown):  # a new eval task or starting point
       row(f"{name} @start", before, f"{'':>{w}}" if first else "")
       shown.append(before)
     ev = r.get("eval_after") or {}
