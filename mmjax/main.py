@@ -60,6 +60,9 @@ def main(argv=None):
   if not FLAGS.workdir:
     _fail("--workdir is required, e.g. --workdir /tmp/mmjax_run")
   logging.set_verbosity(logging.WARNING)
+  if getattr(FLAGS.config, "reuse_host_memory", False) is True:
+    from mmjax import runtime
+    runtime.reuse_host_memory()  # before JAX's backend threads allocate (see mmjax/runtime.py)
 
   import jax
   from mmjax import config_lib

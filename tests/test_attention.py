@@ -155,3 +155,38 @@ def test_accuracy_ties_count_when_target_reaches_the_max():
   mask = jnp.ones((1, 2))
   assert float(losses.cross_entropy_and_accuracy(logits, targets, mask)[2]) == 2.0
   assert float(losses.token_accuracy(logits, targets, mask)[0]) == 1.0  # argmax picks index 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_matches_autodiff(dtype):
+  ks = jax.random.split(jax.random.key(4), 3)
+  gate = (jax.random.normal(ks[0], (3, 5, 16)) * 3).astype(dtype)
+  up = jax.random.normal(ks[1], (3, 5, 16)).astype(dtype)
+  dy = jax.random.normal(ks[2], (3, 5, 16))
+  plain = lambda g, u: jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)
+  tol = dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  out = layers.swiglu(gate, up)
+  assert out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float32), plain(gate, up), **tol)
+  loss = lambda f: lambda g, u: jnp.sum(f(g, u).astype(jnp.float32) * dy)
+  got = jax.jit(jax.grad(loss(layers.swiglu), argnums=(0, 1)))(gate, up)
+  ref = jax.grad(loss(plain), argnums=(0, 1))(gate.astype(jnp.float32), up.astype(jnp.float32))
+  for a, r in zip(got, ref):
+    assert a.dtype == dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), r, **(dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else tol))
+
+
+def test_rope_table_matches_direct_formula_and_flags_out_of_range_positions():
+  ks = jax.random.split(jax.random.key(5), 2)
+  b, t, n, h = 2, 40, 3, 16
+  x = jax.random.normal(ks[0], (b, t, n, h))
+  pos = jax.random.randint(ks[1], (b, t), 0, 50)
+  inv = layers.rope_frequencies(h, 10000.0)
+  angles = pos[..., None].astype(jnp.float32) * inv
+  sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  ref = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  np.testing.assert_allclose(jax.jit(lambda x, p: layers.apply_rope(x, p, inv, 50))(x, pos), ref, rtol=1e-5, atol=1e-5)
+  out = layers.apply_rope(x, pos, inv, 30)  # positions 30..49 are outside the table: NaN, not a wrong angle
+  bad = np.asarray(pos >= 30)
+  assert np.isnan(np.asarray(out)[bad]).all() and np.isfinite(np.asarray(out)[~bad]).all()

@@ -27,6 +27,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mmjax import runtime  # noqa: E402
+
+runtime.reuse_host_memory()  # as mmjax.main does by default (config.reuse_host_memory)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

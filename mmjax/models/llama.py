@@ -92,8 +92,9 @@ class Attention(nn.Module):
     k = k.reshape(b, t, c.n_kv_heads, c.head_dim)
     v = v.reshape(b, t, c.n_kv_heads, c.head_dim)
     inv_freq = layers.rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-    q = layers.apply_rope(q, positions, inv_freq)
-    k = layers.apply_rope(k, positions, inv_freq)
+    max_position = t if cache is None else max(t, cache["k"].shape[1])  # positions index the row or cache
+    q = layers.apply_rope(q, positions, inv_freq, max_position)
+    k = layers.apply_rope(k, positions, inv_freq, max_position)
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache["index"], 1)
@@ -115,7 +116,7 @@ class Mlp(nn.Module):
     c = self.cfg
     gate = c.dense(c.mlp_dim, ("embed", "mlp"), "gate_proj")(x, deterministic)
     up = c.dense(c.mlp_dim, ("embed", "mlp"), "up_proj")(x, deterministic)
-    h = nn.with_logical_constraint(nn.silu(gate) * up, layers.ACT_BTF)
+    h = nn.with_logical_constraint(layers.swiglu(gate, up), layers.ACT_BTF)
     return c.dense(c.d_model, ("mlp", "embed"), "down_proj")(h, deterministic)
 
 

@@ -1,0 +1,37 @@
+"""mmjax.runtime: host allocator settings (checked in fresh processes)."""
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = r"""
+import ctypes, resource, sys, threading
+if sys.argv[1] == "1":
+  from mmjax import runtime
+  assert runtime.reuse_host_memory() and runtime.reuse_host_memory()  # idempotent
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 * 2 ** 20
+out = []
+
+def step():  # what XLA:CPU does each step: malloc a big buffer on a worker thread, touch it, free it
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  p = libc.malloc(size)
+  ctypes.memset(p, 1, size)
+  libc.free(p)
+  out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+for _ in range(3):
+  t = threading.Thread(target=step); t.start(); t.join()
+print(out[-1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_reuse_host_memory_stops_refaulting_a_freed_buffer():
+  faults = lambda on: int(subprocess.run([sys.executable, "-c", _PROBE, on], check=True, capture_output=True,
+                                         text=True).stdout)
+  default, reused = faults("0"), faults("1")
+  assert default > 10000  # glibc: a fresh mmap each time, every 4 KB page faults again (16k pages)
+  assert reused < 1000  # the freed heap memory is handed back as is
