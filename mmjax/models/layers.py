@@ -198,10 +198,19 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -
 def rope_table(inv_freq: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
   """(sin, cos) [length, H/2] of the rotary angles of positions 0..length-1, as float32
   constants. Angles are rounded to float32 first (position * inv_freq, as Hugging Face
-  computes them), then sin/cos are taken in float64."""
-  angles = np.arange(length, dtype=np.float32)[:, None] * np.asarray(inv_freq, np.float32)[None]
-  angles = angles.astype(np.float64)
-  return np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+  computes them), then sin/cos are taken in float64. Cached: every layer of a model gets
+  the same two arrays, so a jitted model holds one copy of the table, not two per layer."""
+  inv = np.asarray(inv_freq, np.float32)
+  return _rope_table(inv.tobytes(), length)
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_table(inv_bytes: bytes, length: int) -> tuple[np.ndarray, np.ndarray]:
+  inv = np.frombuffer(inv_bytes, np.float32)
+  angles = (np.arange(length, dtype=np.float32)[:, None] * inv[None]).astype(np.float64)
+  sin, cos = np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+  sin.flags.writeable = cos.flags.writeable = False
+  return sin, cos
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, max_position: int) -> jax.Array:
@@ -214,7 +223,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, max_pos
   x (N*2 times per angle), which made rope a tenth of a CPU train step.
   """
   sin_t, cos_t = rope_table(inv_freq, max_position)
-  take = lambda table: jnp.take(jnp.asarray(table), positions, axis=0, mode="fill",
+  take = lambda table: jnp.take(table, positions, axis=0, mode="fill",
                                 fill_value=jnp.nan)[:, :, None, :]  # [B, T, 1, H/2]
   sin, cos = take(sin_t), take(cos_t)
   x32 = x.astype(jnp.float32)
