@@ -105,7 +105,9 @@ def _swiglu_fwd(gate, up):
 def _swiglu_bwd(res, d_out):
   gate, up = res
   g, u, d = gate.astype(jnp.float32), up.astype(jnp.float32), d_out.astype(jnp.float32)
-  sig = jax.nn.sigmoid(g)
+  # sigmoid as 0.5 + 0.5 tanh(g/2): a different expression from the forward's, so XLA cannot
+  # merge the two (CSE would keep the forward's sigmoid alive until the backward, as autodiff does)
+  sig = 0.5 + 0.5 * jnp.tanh(0.5 * g)
   silu = g * sig
   d_gate = d * u * (sig + silu * (1.0 - sig))  # d silu/dg = sig * (1 + g * (1 - sig))
   return d_gate.astype(gate.dtype), (d * silu).astype(up.dtype)
