@@ -1,7 +1,7 @@
 """Process-level settings, applied once before JAX starts its backends.
 
 `reuse_host_memory()`: XLA:CPU takes each step's temporary buffer (activations and their
-gradients; 1.26 GB for `bench_small`) from malloc on one of its worker threads and frees
+gradients; 1.1-1.3 GB for `bench_small`) from malloc on one of its worker threads and frees
 it when the step ends. glibc serves an allocation that large from a fresh `mmap` in a
 thread arena and returns it with `munmap`, so every step page-faults the whole buffer
 again: 320k minor faults and about 0.6 s of kernel time per `bench_small` step on 2 cores,

@@ -85,10 +85,11 @@ _lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-  """`silu(gate) * up` with a hand-written backward: one fused pass forward and one
-  backward, both recomputing sigmoid(gate) from `gate` (kept anyway). Autodiff of
-  `nn.silu(gate) * up` also keeps the sigmoid, a [tokens, mlp] array per layer (88 MB more
-  temporary memory in a bench_small train step, for no speed gain)."""
+  """`silu(gate) * up` with a hand-written backward that recomputes sigmoid(gate) from
+  `gate` (kept anyway). Autodiff of `nn.silu(gate) * up` keeps the sigmoid, a [tokens, mlp]
+  array per layer, and XLA:CPU then splits the forward into three passes; here the forward
+  is one pass, a bench_small train step needs 88 MB less temporary memory and ran about 4%
+  faster (alternating A/B)."""
   return _swiglu(gate, up)
 
 
