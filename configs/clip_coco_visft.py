@@ -15,14 +15,14 @@ On CPU CI this config is only checked abstractly (eval_shape on 8 fake devices).
 """
 import ml_collections
 
-from mmjax import config_lib
+from mmjax.config import core, schema
 
 TOWER_LORA = r"vision/layers_\d+/(self_attn/(q_proj|k_proj|v_proj|out_proj)|mlp/(fc1|fc2))"
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, hf="", coco="", tokenizer="", heads_steps=20000, lora_steps=20000)
-  c = config_lib.base_config()
+  args = core.parse_arg(arg, hf="", coco="", tokenizer="", heads_steps=20000, lora_steps=20000)
+  c = schema.base_config()
   c.objective = "visft"
   c.model.name = "visft"
   c.model.update(dtype="bfloat16", param_dtype="float32")  # the heads' numerics

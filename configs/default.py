@@ -6,12 +6,12 @@ Args (`--config configs/default.py:steps=50,task=add`): steps, task (reverse|add
 The base model is randomly initialised (no downloads), so the adapters do all the
 learning; eval loss and answer-token accuracy are printed before and after.
 """
-from mmjax import config_lib
+from mmjax.config import core, schema
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, steps=600, task="reverse")
-  c = config_lib.base_config()
+  args = core.parse_arg(arg, steps=600, task="reverse")
+  c = schema.base_config()
   c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   c.lora.update(rank=16, alpha=32.0)
   c.trainable = ("lora/.*",)

@@ -7,12 +7,12 @@ Needs a local Hugging Face checkpoint directory (`hf=`) and a JSONL file (`data=
 `{"messages": [...]}` or `{"prompt": ..., "response": ...}` rows); the tokenizer is read
 from the same directory. On CPU CI this config is only checked abstractly (eval_shape).
 """
-from mmjax import config_lib
+from mmjax.config import core, schema
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, hf="", data="", steps=1000)
-  c = config_lib.base_config()
+  args = core.parse_arg(arg, hf="", data="", steps=1000)
+  c = schema.base_config()
   c.model.update(
       vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
       mlp_dim=14336, rope_theta=500000.0, norm_eps=1e-5, dtype="bfloat16", param_dtype="bfloat16",

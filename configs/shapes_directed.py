@@ -5,7 +5,7 @@
 
 The target domain is timed step captions of short videos ("first a red circle appears at the
 top left at frame 1, then the red circle moves to the center at frame 3."). Stages (a recipe,
-mmjax/train/stages.py; groups and schedules in mmjax/train/groups.py):
+mmjax/recipes/stages.py; groups and schedules in mmjax/train/groups.py):
 
   pretrain  all weights of a random ViT + projector + LLaMA learn to caption shapes *images*
             (a stand-in for a pretrained VLM; it has never seen a video);
@@ -35,17 +35,17 @@ videos captioned per evaluation), image/video/text (train set size of each group
 """
 import ml_collections
 
-from mmjax import config_lib
+from mmjax.config import core, schema
 
 ALL_PROJECTIONS = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2|linear_1|linear_2)"
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, scale=1.0, mode="sequential", steps=100, eval=32,
+  args = core.parse_arg(arg, scale=1.0, mode="sequential", steps=100, eval=32,
                               image=5_000, video=5_000, text=5_000)
   if args.mode not in ("interleaved", "sequential"):
-    raise config_lib.ConfigError(f"config arg mode={args.mode!r} is not valid; choose 'sequential' or 'interleaved'")
-  c = config_lib.base_config()
+    raise core.ConfigError(f"config arg mode={args.mode!r} is not valid; choose 'sequential' or 'interleaved'")
+  c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   c.vision.update(image_size=48, patch_size=16, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)
   c.vlm.update(projector="mlp2", max_frames=4, temporal_pool=1)

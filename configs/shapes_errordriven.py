@@ -8,8 +8,8 @@ The target task is answering *colour* and *shape* questions about images of 1-3 
 The pool is task-agnostic and holds neither: image captions and count / size / position /
 existence questions, each tagged with the skills it exercises (a question: the one it asks
 and those its wording needs, e.g. "is there a blue triangle?" -> existence, colour, shape;
-a caption: colour, shape, size, position, count). Stages (a recipe, mmjax/train/stages.py;
-selection in mmjax/select/recipe.py):
+a caption: colour, shape, size, position, count). Stages (a recipe, mmjax/recipes/stages.py;
+selection in mmjax/recipes/select.py):
 
   student     all weights of a random ViT + projector + LLaMA, briefly trained on a generic
               mix of captions and all kinds of questions (so it answers, but often wrongly);
@@ -32,7 +32,7 @@ e.g. '300-1000'), pool (pool size), val (validation questions the student answer
 """
 import ml_collections
 
-from mmjax import config_lib
+from mmjax.config import core, schema
 
 ALL_PROJECTIONS = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2|linear_1|linear_2)"
 TARGET_SKILLS = ("colour", "shape")
@@ -40,10 +40,10 @@ POOL_SKILLS = ("count", "size", "position", "existence")
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, scale=1.0, budgets="300-1000-3000", pool=6000, val=128, steps=150, eval=256,
+  args = core.parse_arg(arg, scale=1.0, budgets="300-1000-3000", pool=6000, val=128, steps=150, eval=256,
                               teacher="facts")
   budgets = [int(b) for b in args.budgets.split("-") if b]
-  c = config_lib.base_config()
+  c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   c.vision.update(image_size=48, patch_size=16, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)
   c.vlm.update(projector="mlp2", max_frames=4, temporal_pool=1)

@@ -2,7 +2,7 @@
 
   python -m mmjax.main --config configs/shapes_mrdpo.py --workdir /tmp/mmjax_mrdpo
 
-Stages (a recipe, mmjax/train/stages.py), with the tiny VLM of configs/shapes_vlm.py:
+Stages (a recipe, mmjax/recipes/stages.py), with the tiny VLM of configs/shapes_vlm.py:
   sft        all weights of a random ViT + projector + LLaMA learn to caption shapes images
              ("a large red circle at the top left. ..."), briefly, so captions still miss
              and invent objects;
@@ -27,15 +27,15 @@ distill (rebirth prompts).
 """
 import ml_collections
 
-from mmjax import config_lib
+from mmjax.config import core, schema
 
 ALL_PROJECTIONS = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2|linear_1|linear_2)"
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, scale=1.0, rounds=3, eval=256, prompts=256, cands=4, distill=128, dpo_steps=60,
+  args = core.parse_arg(arg, scale=1.0, rounds=3, eval=256, prompts=256, cands=4, distill=128, dpo_steps=60,
                               temperature=0.8)
-  c = config_lib.base_config()
+  c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   c.vision.update(image_size=48, patch_size=16, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)
   c.vlm.update(projector="mlp2", max_frames=4, temporal_pool=1)

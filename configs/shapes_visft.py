@@ -2,7 +2,7 @@
 
   python -m mmjax.main --config configs/shapes_visft.py --workdir /tmp/mmjax_visft
 
-Stages (a recipe, mmjax/train/stages.py), one model `vision/` + `heads/` (mmjax/models/heads.py):
+Stages (a recipe, mmjax/recipes/stages.py), one model `vision/` + `heads/` (mmjax/models/heads.py):
   pretrain  stands in for a pretrained CLIP-style tower (nothing can be downloaded): a random
             ViT learns image-level captions with the caption head, all weights trained,
             detection and segmentation losses off;
@@ -24,14 +24,14 @@ eval (held-out images for the task metrics), probe (train images the probes are 
 """
 import ml_collections
 
-from mmjax import config_lib
+from mmjax.config import core, schema
 
 TOWER_LORA = r"vision/layers_\d+/(self_attn/(q_proj|k_proj|v_proj|out_proj)|mlp/(fc1|fc2))"
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, scale=1.0, eval=128, probe=512)
-  c = config_lib.base_config()
+  args = core.parse_arg(arg, scale=1.0, eval=128, probe=512)
+  c = schema.base_config()
   c.objective = "visft"
   c.model.name = "visft"
   # 48x48 images in 8x8 patches: a 6x6 token grid, two tokens per side of a shapes grid cell.

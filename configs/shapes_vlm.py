@@ -2,7 +2,7 @@
 
   python -m mmjax.main --config configs/shapes_vlm.py --workdir /tmp/mmjax_vlm
 
-Stages (a recipe, mmjax/train/stages.py):
+Stages (a recipe, mmjax/recipes/stages.py):
   pretrain  all weights of a randomly initialised ViT + projector + LLaMA learn to caption
             shapes images ("a large red circle at the top left. ...") — no pretrained
             weights can be downloaded, so this stands in for a pretrained VLM;
@@ -19,14 +19,14 @@ eval (held-out examples captioned per evaluation).
 """
 import ml_collections
 
-from mmjax import config_lib
+from mmjax.config import core, schema
 
 ALL_PROJECTIONS = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2|linear_1|linear_2)"
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, scale=1.0, eval=32)
-  c = config_lib.base_config()
+  args = core.parse_arg(arg, scale=1.0, eval=32)
+  c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   # 48x48 images in 16x16 patches: one visual token per cell of the shapes 3x3 grid.
   c.vision.update(image_size=48, patch_size=16, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)

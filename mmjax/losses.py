@@ -1,4 +1,6 @@
-"""Every loss in mmjax, as pure functions of arrays. Each is unit-tested against a reference.
+"""Every loss in mmjax, as pure functions of arrays. Each is unit-tested against a reference:
+token cross-entropy and accuracy (SFT), sequence log-probs and the DPO family (DPO), the
+DETR set loss, mask dice / sigmoid CE / focal losses (ViSFT).
 
 Token losses return *sums* and *counts* rather than means, so gradient accumulation can
 normalise by the tokens of the whole accumulated batch.
@@ -7,6 +9,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from mmjax.boxes import box_cxcywh_to_xyxy, elementwise_giou, resize_masks
 
 
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -152,4 +156,92 @@ def cross_entropy_and_accuracy(logits: jax.Array, targets: jax.Array, mask: jax.
   picked = jnp.take_along_axis(lg, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   hit = (picked >= jnp.max(lg, axis=-1)).astype(jnp.float32)
   return nll, jnp.sum(mask), jnp.sum(hit * mask)
-from mmjax.detection import detr_loss, dice_loss, mask_loss, sigmoid_ce_loss, sigmoid_focal_loss  # noqa: E402,F401
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection and segmentation (ViSFT). Targets and matchings as in `mmjax.boxes`. Each returns
+# means normalised as DETR does: class CE is a weighted mean over all queries; box and mask
+# losses are sums over matched queries / the number of valid targets (at least 1) in the
+# batch. Under data parallelism pass `num_targets` = the global count.
+
+def detr_loss(logits, boxes, tgt_classes, tgt_boxes, tgt_valid, tgt_idx, matched, *, eos_coef: float = 0.1,
+              w_class: float = 1.0, w_l1: float = 5.0, w_giou: float = 2.0, num_targets=None) -> dict:
+  """DETR set loss for a given matching.
+
+  logits [B, Q, C+1] (last = no-object), boxes [B, Q, 4] normalised cxcywh; targets and
+  matching as in `mmjax.boxes`. Returns a dict of scalars: `loss` (weighted sum),
+  `loss_ce` (cross-entropy against the matched class or no-object, no-object weighted by
+  `eos_coef`, weighted mean over B*Q queries), `loss_l1` and `loss_giou` (sum of L1 and of
+  1 - GIoU over matched queries / num_targets), `num_targets`, `class_accuracy` (matched
+  queries whose argmax is their class; a diagnostic).
+  """
+  logits = logits.astype(jnp.float32)
+  num_classes = logits.shape[-1] - 1
+  if num_targets is None:
+    num_targets = jnp.maximum(jnp.sum(tgt_valid.astype(jnp.float32)), 1.0)
+  m = matched.astype(jnp.float32)
+  cls_q = jnp.take_along_axis(tgt_classes.astype(jnp.int32), tgt_idx, axis=1)  # [B, Q]
+  target = jnp.where(matched, cls_q, num_classes)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  w = jnp.where(matched, 1.0, eos_coef)
+  loss_ce = jnp.sum(w * nll) / jnp.sum(w)
+
+  tb = jnp.take_along_axis(tgt_boxes.astype(jnp.float32), tgt_idx[..., None], axis=1)  # [B, Q, 4]
+  pb = boxes.astype(jnp.float32)
+  loss_l1 = jnp.sum(m * jnp.sum(jnp.abs(pb - tb), axis=-1)) / num_targets
+  giou = elementwise_giou(box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(tb))
+  loss_giou = jnp.sum(m * (1.0 - giou)) / num_targets
+  hit = (jnp.argmax(logits, axis=-1) == cls_q).astype(jnp.float32)
+  acc = jnp.sum(m * hit) / jnp.maximum(jnp.sum(m), 1.0)
+  loss = w_class * loss_ce + w_l1 * loss_l1 + w_giou * loss_giou
+  return dict(loss=loss, loss_ce=loss_ce, loss_l1=loss_l1, loss_giou=loss_giou, num_targets=num_targets,
+              class_accuracy=acc)
+
+
+def dice_loss(mask_logits, targets, weights, num_targets):
+  """DETR dice loss: sum_i weights_i * (1 - (2 |p t| + 1) / (|p| + |t| + 1)) / num_targets,
+  p = sigmoid(logits). mask_logits, targets: [..., h, w]; weights: [...] (0/1 = matched)."""
+  p = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
+  t = targets.astype(jnp.float32)
+  num = 2.0 * jnp.sum(p * t, axis=(-2, -1))
+  den = jnp.sum(p, axis=(-2, -1)) + jnp.sum(t, axis=(-2, -1))
+  return jnp.sum(weights * (1.0 - (num + 1.0) / (den + 1.0))) / num_targets
+
+
+def sigmoid_ce_loss(mask_logits, targets, weights, num_targets):
+  """Binary cross-entropy with logits, mean over pixels of each mask, then
+  sum_i weights_i * that / num_targets. Shapes as `dice_loss`; targets may be soft."""
+  x = mask_logits.astype(jnp.float32)
+  t = targets.astype(jnp.float32)
+  ce = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))  # stable log(1 + e^x) - x t
+  return jnp.sum(weights * jnp.mean(ce, axis=(-2, -1))) / num_targets
+
+
+def sigmoid_focal_loss(mask_logits, targets, weights, num_targets, alpha: float = 0.25, gamma: float = 2.0):
+  """DETR's focal mask loss (Lin et al. 2017): alpha_t (1 - p_t)^gamma * BCE, mean over
+  pixels, sum_i weights_i * that / num_targets. alpha < 0 disables the alpha weighting."""
+  x = mask_logits.astype(jnp.float32)
+  t = targets.astype(jnp.float32)
+  p = jax.nn.sigmoid(x)
+  ce = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  p_t = p * t + (1 - p) * (1 - t)
+  loss = ce * (1 - p_t) ** gamma
+  if alpha >= 0:
+    loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+  return jnp.sum(weights * jnp.mean(loss, axis=(-2, -1))) / num_targets
+
+
+def mask_loss(mask_logits, tgt_masks, tgt_valid, tgt_idx, matched, *, w_dice: float = 1.0, w_ce: float = 1.0,
+              num_targets=None) -> dict:
+  """Instance-mask losses on matched queries: mask_logits [B, Q, h, w]; tgt_masks
+  [B, N, H, W] are resized to (h, w) (`resize_masks`). Returns `loss` = w_dice * dice +
+  w_ce * sigmoid CE, `loss_dice`, `loss_mask_ce` (each a sum over matched / num_targets)."""
+  if num_targets is None:
+    num_targets = jnp.maximum(jnp.sum(tgt_valid.astype(jnp.float32)), 1.0)
+  tm = resize_masks(tgt_masks, mask_logits.shape[-2:])  # [B, N, h, w]
+  tm = jnp.take_along_axis(tm, tgt_idx[:, :, None, None], axis=1)  # [B, Q, h, w]
+  w = matched.astype(jnp.float32)
+  dice = dice_loss(mask_logits, tm, w, num_targets)
+  ce = sigmoid_ce_loss(mask_logits, tm, w, num_targets)
+  return dict(loss=w_dice * dice + w_ce * ce, loss_dice=dice, loss_mask_ce=ce)

@@ -51,8 +51,8 @@ def main(argv=None):
   except flags.Error as e:
     _fail(f"bad flags: {str(e).splitlines()[0]}")
   except Exception as e:  # config_flags raises plain errors for bad overrides and config files
-    from mmjax import config_lib
-    msg = config_lib.explain_override_error(argv)
+    from mmjax.config import schema
+    msg = schema.explain_override_error(argv)
     _fail(f"config error: {msg}" if msg else
           f"bad config: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
   if FLAGS.config is None:
@@ -65,21 +65,19 @@ def main(argv=None):
     runtime.reuse_host_memory()  # before JAX's backend threads allocate (see mmjax/runtime.py)
 
   import jax
-  from mmjax import config_lib
-  from mmjax.train import loop, stages
+  from mmjax.config import core, schema
+  from mmjax.recipes import stages
+  from mmjax.train import loop
 
   maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
   try:
-    config_lib.validate(config, jax.device_count(), jax.process_count())
-    from mmjax.data.pipeline import validate_data_config
-    for name in config.stage_order or ("",):
-      validate_data_config(stages.stage_config(config, name).data if name else config.data)
+    schema.validate(config, jax.device_count(), jax.process_count(), files=True)
   except ValueError as e:
     _fail(f"config error: {e}")
   try:
     stages.train_and_evaluate(config, FLAGS.workdir)
-  except config_lib.ConfigError as e:
+  except core.ConfigError as e:
     _fail(f"config error: {e}")
   except loop.NonFiniteLoss as e:
     _fail(str(e), code=1)

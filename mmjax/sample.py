@@ -36,7 +36,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from jax.sharding import NamedSharding
 
 from mmjax import sharding
@@ -147,17 +146,6 @@ def _generate(variables, tokens, lengths, stop, temperature, top_k, top_p, rng, 
   return out, counts
 
 
-def _in_context(fn, mesh, rules):
-  if mesh is None:
-    return fn
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
-      return fn(*args, **kwargs)
-  return wrapped
-
-
 def _jitted(model, max_new, sample, filtered, pad_id, mesh, rules):
   fast = dict(remat="none", attention="xla", lora_dropout=0.0)
   if hasattr(model.cfg, "llm"):  # a VLM: decode settings for both towers
@@ -170,7 +158,7 @@ def _jitted(model, max_new, sample, filtered, pad_id, mesh, rules):
   if key not in _JITTED:
     fn = functools.partial(_generate, model=type(model)(cfg), max_new=max_new, sample=sample, filtered=filtered,
                            pad_id=pad_id, mesh=mesh, rules=rules)
-    _JITTED[key] = jax.jit(_in_context(fn, mesh, rules))
+    _JITTED[key] = jax.jit(sharding.in_context(fn, mesh, rules))
   return _JITTED[key]
 
 

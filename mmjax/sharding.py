@@ -8,6 +8,7 @@ so odd test sizes and small vocabularies still shard.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -117,3 +118,39 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
   axes = dict(rules).get("act_batch") or ()
   axes = (axes,) if isinstance(axes, str) else axes
   return math.prod(mesh.shape[a] for a in axes)
+
+
+def in_context(fn, mesh: Mesh | None, rules):
+  """`fn` traced with the mesh and the logical-axis rules active, so activation constraints
+  (`nn.with_logical_constraint`) resolve to mesh axes; `fn` itself when there is no mesh."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly sharded, possibly multi-host) array as one numpy array on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def from_full(x: np.ndarray, mesh: Mesh, rules) -> jax.Array:
+  """An array that every process holds whole, as a global array split over the batch axis
+  like a batch (each device takes its rows of `x`)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh, rules, x.ndim), lambda index: x[index])
+
+
+def placement(names, shape, mesh: Mesh | None, rules):
+  """Where an array with these logical names goes: its NamedSharding on `mesh`, or the first
+  local device without a mesh."""
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))

@@ -6,13 +6,13 @@ import sys
 
 import numpy as np
 
-from mmjax import config_lib
+from mmjax.config import core, schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
-  c = config_lib.base_config()
+  c = schema.base_config()
   c.model.update(vocab_size=67, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=6, mlp_dim=30)
   c.lora.update(rank=4, alpha=8.0, targets=r".*(q_proj|v_proj|down_proj)")
   c.data.update(source="generated", task="reverse", tokenizer="builtin")
@@ -28,14 +28,8 @@ def tiny_config(**overrides):
 
 
 def apply_overrides(c, overrides: dict):
-  """Sets dotted keys ('lora.rank': 8) on a config; returns it."""
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  """A copy of a config with dotted keys set ({'lora.rank': 8})."""
+  return core.derive(c, overrides)
 
 
 def synthetic_batches(n, batch, seq_len, vocab, seed=0):

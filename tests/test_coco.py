@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax import detection
-from mmjax.data import coco, shapes
+from mmjax import boxes as detection
+from mmjax.data import coco, coco_tiny, shapes, shapes_draw
 
 SPLIT = "train2017"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  return coco.write_tiny_coco(str(tmp_path_factory.mktemp("coco")), SPLIT, 8)
+  return coco_tiny.write_tiny_coco(str(tmp_path_factory.mktemp("coco")), SPLIT, 8)
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def _custom(root, anns, width=40, height=20, categories=({"id": 1, "name": "thin
   and category filled in when absent)."""
   os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
   os.makedirs(os.path.join(root, SPLIT), exist_ok=True)
-  Image.new("RGB", (width, height), shapes.BACKGROUND).save(os.path.join(root, SPLIT, "a.png"))
+  Image.new("RGB", (width, height), shapes_draw.BACKGROUND).save(os.path.join(root, SPLIT, "a.png"))
   anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, **a} for i, a in enumerate(anns)]
   data = {"images": [{"id": 1, "file_name": "a.png", "width": width, "height": height}],
           "annotations": anns, "categories": list(categories)}
@@ -124,7 +124,7 @@ def test_round_trip_pixels_boxes_masks_classes(tiny, size):
     seen.update(ex["classes"].tolist())
     orig = np.array(Image.open(os.path.join(tiny, SPLIT, meta["file_name"])))
     h, w = orig.shape[:2]
-    fg = (orig != shapes.BACKGROUND).any(-1)
+    fg = (orig != shapes_draw.BACKGROUND).any(-1)
     scale = np.array([size / w, size / h] * 2)
     rr, cc = np.mgrid[0:size, 0:size]
     nearest = fg[((rr + 0.5) * h / size).astype(int), ((cc + 0.5) * w / size).astype(int)]
@@ -142,10 +142,10 @@ def test_round_trip_pixels_boxes_masks_classes(tiny, size):
       # Bilinear resizing blends edge pixels: compare the interior (or, if none, be lenient).
       inner = mask & np.all([np.roll(mask, d, a) for d in (1, -1) for a in (0, 1)], 0)
       got = np.median(ex["image"][inner if inner.any() else mask], 0)
-      tol = 12 if inner.any() else 0.5 * np.abs(colour - shapes.BACKGROUND).max()
+      tol = 12 if inner.any() else 0.5 * np.abs(colour - shapes_draw.BACKGROUND).max()
       assert np.abs(got - colour).max() <= tol
     background = ~ex["masks"].any(0)
-    assert np.abs(np.median(ex["image"][background], 0) - shapes.BACKGROUND).max() <= 2
+    assert np.abs(np.median(ex["image"][background], 0) - shapes_draw.BACKGROUND).max() <= 2
   assert seen == {0, 1, 2}
 
 
@@ -177,7 +177,7 @@ def test_image_without_objects_is_kept(tiny):
 
 
 def test_write_tiny_coco_is_deterministic(tmp_path):
-  a, b, c = (coco.write_tiny_coco(str(tmp_path / d), "val", 5, seed=s)
+  a, b, c = (coco_tiny.write_tiny_coco(str(tmp_path / d), "val", 5, seed=s)
              for d, s in (("a", 0), ("b", 0), ("c", 1)))
   files = sorted(os.listdir(os.path.join(a, "val"))) + ["../annotations/instances_val.json",
                                                         "../annotations/captions_val.json"]

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import config_lib, sharding
-from mmjax.train import loop
+from mmjax import sharding
+from mmjax.config import core, schema
+from mmjax.train import run as run_lib
 
 from helpers import ROOT
 
@@ -28,7 +29,7 @@ def test_config_validates_and_documents_its_launch_command(path):
   mod, config = load(path)
   name = os.path.basename(path)
   assert f"--config configs/{name}" in mod.__doc__
-  config_lib.check_schema(config, config_lib.base_config())
+  schema.check_schema(config, schema.base_config())
 
 
 LLAMA3_8B = {  # config.json of Meta-Llama-3.1-8B (no weights are needed for the abstract check)
@@ -44,10 +45,10 @@ def test_llama3_8b_config_on_8_devices_abstractly(tmp_path):
   import json
   json.dump(LLAMA3_8B, open(tmp_path / "config.json", "w"))
   _, config = load(os.path.join(ROOT, "configs", "llama3_8b_lora.py"), f"hf={tmp_path},data=/data/x.jsonl")
-  config_lib.validate(config, n_devices=8)
+  schema.validate(config, n_devices=8)
   mesh = sharding.make_mesh(config.mesh, jax.devices())
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-  run = loop.build(config, mesh, config.model.vocab_size)
+  run = run_lib.build(config, mesh, config.model.vocab_size)
   frozen = run.abstract_state.frozen["params"]
   n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
   assert 8.0e9 < n_base < 8.1e9  # Llama-3-8B
@@ -66,16 +67,16 @@ def test_llama3_8b_config_on_8_devices_abstractly(tmp_path):
 def test_validate_rejects_bad_mesh_and_batch_for_8_devices():
   _, config = load(os.path.join(ROOT, "configs", "llama3_8b_lora.py"))
   config.mesh.fsdp = 3
-  with pytest.raises(config_lib.ConfigError, match="multiplies to 3"):
-    config_lib.validate(config, n_devices=8)
+  with pytest.raises(core.ConfigError, match="multiplies to 3"):
+    schema.validate(config, n_devices=8)
   config.mesh.fsdp = 8
   config.batch_size = 20
-  with pytest.raises(config_lib.ConfigError, match="batch_size=20 must be divisible by the data-parallel size 8"):
-    config_lib.validate(config, n_devices=8)
+  with pytest.raises(core.ConfigError, match="batch_size=20 must be divisible by the data-parallel size 8"):
+    schema.validate(config, n_devices=8)
 
 
 def test_parse_arg():
-  a = config_lib.parse_arg("steps=5,task=add,flag", steps=1, task="x", flag=False)
+  a = core.parse_arg("steps=5,task=add,flag", steps=1, task="x", flag=False)
   assert (a.steps, a.task, a.flag) == (5, "add", True)
-  with pytest.raises(config_lib.ConfigError, match="unknown"):
-    config_lib.parse_arg("nope=1", steps=1)
+  with pytest.raises(core.ConfigError, match="unknown"):
+    core.parse_arg("nope=1", steps=1)

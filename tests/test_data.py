@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from mmjax.data import pipeline, sources, tokenizer as tokenizer_lib
+from mmjax.data import catalog, pipeline, sources, tokenizer as tokenizer_lib
 
 SEQ = 40
 
@@ -18,7 +18,7 @@ def tok():
 
 
 def _cfg(**kw):
-  cfg = pipeline.default_data_config()
+  cfg = catalog.default_data_config()
   cfg.update(kw)
   return cfg
 
@@ -197,11 +197,11 @@ def test_missing_files_are_named(tmp_path):
   with pytest.raises(ValueError, match="missing.jsonl does not exist"):
     sources.JsonlSource(missing)
   with pytest.raises(ValueError, match=r"data\.train_path=.*missing\.jsonl.*does not exist"):
-    pipeline.validate_data_config(_cfg(source="jsonl", train_path=missing))
+    catalog.validate_data_config(_cfg(source="jsonl", train_path=missing))
   with pytest.raises(ValueError, match=r"data\.source='csv'.*generated, jsonl"):
-    pipeline.validate_data_config(_cfg(source="csv"))
+    catalog.validate_data_config(_cfg(source="csv"))
   with pytest.raises(ValueError, match=r"data\.task='nope'.*reverse"):
-    pipeline.validate_data_config(_cfg(task="nope"))
+    catalog.validate_data_config(_cfg(task="nope"))
 
 
 def test_arrayrecord_round_trip(tmp_path, tok):

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mmjax import config_lib, lora as lora_lib, sharding
+from mmjax import lora as lora_lib, sharding
+from mmjax.config import core, schema
 from mmjax.data import pairs as pairs_lib
 from mmjax.data.tokenizer import load_tokenizer
-from mmjax.train import dpo, loop, stages
+from mmjax.recipes import pairs as recipe_pairs, stages
+from mmjax.train import loop
+from mmjax.train import run as run_lib
 
 from helpers import tiny_config
 
@@ -35,9 +38,9 @@ def _dpo_config(path, **overrides):
 
 
 def _setup(c):
-  config_lib.validate(c, 1)
+  schema.validate(c, 1)
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  run = loop.build(c, mesh, TOK)
+  run = run_lib.build(c, mesh, TOK)
   it = pairs_lib.make_train_iterator(c.data.train_path, c, tokenizer=TOK, gt=c.dpo.gt_weight > 0,
                                      need_ref=c.dpo.reference == "precomputed")
   return mesh, run, it
@@ -95,7 +98,7 @@ def test_dpo_step_matches_dpo_loss_and_precomputed_reference(tmp_path):
     sums = run.eval_step(state, b)
     assert float(sums["loss"]) / float(sums["normaliser"]) == pytest.approx(float(np.mean(want)), rel=1e-5)
     # precomputed: the same reference values read from the pairs file
-    recs = dpo.precompute_reference(run, {"params": state.variables["params"]}, pairs_lib.read_pairs(path),
+    recs = recipe_pairs.precompute_reference(run, {"params": state.variables["params"]}, pairs_lib.read_pairs(path),
                                     TOK, batch=4)
   pre_path = str(tmp_path / "pre.jsonl")
   pairs_lib.write_pairs(pre_path, recs)
@@ -150,8 +153,8 @@ def test_bad_pairs_are_one_line_errors(tmp_path):
   c.dpo.reference = "adapter_base"
   c.lora.targets = ""
   c.trainable = ("params/.*",)
-  with pytest.raises(config_lib.ConfigError, match="reference='adapter_base' needs an adapter"):
-    config_lib.validate(c, 1)
+  with pytest.raises(core.ConfigError, match="reference='adapter_base' needs an adapter"):
+    schema.validate(c, 1)
 
 
 def _online_recipe(dpo_steps=6, scorer="edit_distance"):
@@ -183,7 +186,7 @@ def _dpo_losses(workdir):
 @pytest.mark.slow
 def test_online_round_resumes_mid_round_exactly(tmp_path, monkeypatch, capsys):
   c = _online_recipe()
-  config_lib.validate(c, 1)
+  schema.validate(c, 1)
   ref = stages.train_and_evaluate(c, str(tmp_path / "ref"))
   assert ref["dpo_1"]["eval_after"]  # generation metrics after the round
   pairs = pairs_lib.read_pairs(str(tmp_path / "ref" / "stages" / "dpo_1" / "pairs.jsonl"))
@@ -214,7 +217,7 @@ def test_online_round_resumes_mid_round_exactly(tmp_path, monkeypatch, capsys):
 def test_all_tie_round_stops_before_training(tmp_path):
   c = _online_recipe(scorer="exact_match")  # an untrained model never answers exactly: all ties
   c.stages.sft.steps = 1
-  with pytest.raises(dpo.AllTiesError, match=r"stage 'dpo_1': all 8 prompts gave 3 candidates with equal "
+  with pytest.raises(recipe_pairs.AllTiesError, match=r"stage 'dpo_1': all 8 prompts gave 3 candidates with equal "
                                              r"exact_match scores.*raise config.dpo.temperature"):
     stages.train_and_evaluate(c, str(tmp_path))
   assert not os.path.exists(tmp_path / "stages" / "dpo_1" / "checkpoints" / "1")
@@ -230,7 +233,7 @@ def test_mrdpo_recipe_shortened_runs_end_to_end(tmp_path, capsys):
   c.vision.update(n_layers=1)
   c.sample_eval.max_new_tokens = 48
   c.dpo.max_new_tokens = 48
-  config_lib.validate(c, 1)
+  schema.validate(c, 1)
   results = stages.train_and_evaluate(c, str(tmp_path))
   assert list(results) == ["sft", "dpo_1", "dpo_2", "rebirth"]
   out = capsys.readouterr().out
@@ -326,6 +329,6 @@ def test_reference_copy_config_errors(tmp_path):
     c.dpo.update(**dpo_keys)
     for k, v in over.items():
       c.lora.targets = v
-    with pytest.raises(config_lib.ConfigError, match=match) as e:
-      config_lib.validate(c, 1)
+    with pytest.raises(core.ConfigError, match=match) as e:
+      schema.validate(c, 1)
     assert "\n" not in str(e.value)

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from mmjax import config_lib, sharding
+from mmjax import sharding
+from mmjax.config import core, schema
 from mmjax.data.tokenizer import load_tokenizer
-from mmjax.train import groups, loop
+from mmjax.train import groups
+from mmjax.train import run as run_lib
 
 TOK = load_tokenizer("builtin_words")
 GROUPS = {
@@ -70,9 +72,9 @@ def _owner(path):
 @pytest.mark.parametrize("joint", [False, True])
 def test_each_step_changes_only_its_groups_leaves(joint):
   config = _vlm_config(joint=joint)
-  config_lib.validate(config, 1)
+  schema.validate(config, 1)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  run = loop.build(config, mesh, TOK)
+  run = run_lib.build(config, mesh, TOK)
   assert set(run.group_steps) == {"image", "video", "text"}
   text = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
   assert {g: o.batch_fields for g, (o, _) in run.group_steps.items()} == {
@@ -108,27 +110,27 @@ def test_each_step_changes_only_its_groups_leaves(joint):
 def test_bad_groups_are_one_line_errors():
   c = _vlm_config()
   c.group_schedule = "image,audio"
-  with pytest.raises(config_lib.ConfigError, match="group_schedule='image,audio' names group 'audio'"):
-    config_lib.validate(c, 1)
+  with pytest.raises(core.ConfigError, match="group_schedule='image,audio' names group 'audio'"):
+    schema.validate(c, 1)
   c = _vlm_config()
   c.groups.text.data = dict(tsk="x")
-  with pytest.raises(config_lib.ConfigError, match=r"config.groups.text.data.tsk is not a data key"):
-    config_lib.validate(c, 1)
+  with pytest.raises(core.ConfigError, match=r"config.groups.text.data.tsk is not a data key"):
+    schema.validate(c, 1)
   c = _vlm_config()
   c.groups.text.trainable = ("lora/nothing/.*",)
   run_mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-  with pytest.raises(config_lib.ConfigError, match=r"config.groups.text.trainable entry 'lora/nothing/\.\*' matches no"):
-    loop.build(c, run_mesh, TOK)
+  with pytest.raises(core.ConfigError, match=r"config.groups.text.trainable entry 'lora/nothing/\.\*' matches no"):
+    run_lib.build(c, run_mesh, TOK)
   c = tiny_config(joint=True)
-  with pytest.raises(config_lib.ConfigError, match="need config.groups"):
-    config_lib.validate(c, 1)
+  with pytest.raises(core.ConfigError, match="need config.groups"):
+    schema.validate(c, 1)
 
 
 def test_multi_iterator_follows_the_schedule_and_resumes_exactly():
   from mmjax.data import pipeline
   config = _vlm_config()
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  run = loop.build(config, mesh, TOK)
+  run = run_lib.build(config, mesh, TOK)
 
   def make():
     its = {g: pipeline.make_train_iterator(groups.data_config(config, g), global_batch=4, seq_len=64, seed=0,
@@ -149,25 +151,25 @@ def test_multi_iterator_follows_the_schedule_and_resumes_exactly():
 
 
 def test_text_only_and_subset_sources(tmp_path):
-  from mmjax.data import pipeline
+  from mmjax.data import catalog
   from mmjax.select import retrieve
   config = _vlm_config()
   data = groups.data_config(config, "text")
-  rec = pipeline.open_source(data, "train")[0]
+  rec = catalog.open_source(data, "train")[0]
   assert "frames" not in rec and rec["prompt"] == "describe the video." and rec["caption"]
   path = tmp_path / "sel.json"
   retrieve.write_selection(path, [5, 2, 9])
   data.indices_path = str(path)
-  sub = pipeline.open_source(data, "train")
-  full = pipeline.open_source(groups.data_config(config, "video"), "train")
+  sub = catalog.open_source(data, "train")
+  full = catalog.open_source(groups.data_config(config, "video"), "train")
   assert len(sub) == 3 and sub[1]["caption"] == full[2]["caption"]
   retrieve.write_selection(path, [5, 64])
   with pytest.raises(ValueError, match="holds index 64, outside the train source"):
-    pipeline.open_source(data, "train")
+    catalog.open_source(data, "train")
   data.indices_path = str(tmp_path / "missing.json")
   with pytest.raises(ValueError, match="does not exist"):
-    pipeline.open_source(data, "train")
+    catalog.open_source(data, "train")
   bad = groups.data_config(config, "video")
   bad.update(task="pool", pool_mix=(("vqa", 1.0), ("video_caption", 1.0)))
   with pytest.raises(ValueError, match="data.pool_mix=.*images or videos, not both"):
-    pipeline.validate_data_config(bad)
+    catalog.validate_data_config(bad)

@@ -11,7 +11,8 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from mmjax import detection as det
+from mmjax import boxes as det
+from mmjax import losses as loss_lib
 from mmjax import lora
 from mmjax.data.shapes import ShapesConfig, ShapesSource
 from mmjax.models import heads
@@ -142,8 +143,8 @@ def test_detection_head_trains_on_shapes_with_frozen_vit(model_and_vars):
     out = model.apply(merge_trees(tr, frozen), imgs)["detection"]  # unused masks are compiled away
     cost = det.matching_cost(out["logits"], out["boxes"], t["tgt_classes"], t["tgt_boxes"])
     idx, matched = det.hungarian_match_jax(cost, t["tgt_valid"])
-    return det.detr_loss(out["logits"], out["boxes"], t["tgt_classes"], t["tgt_boxes"], t["tgt_valid"],
-                         idx, matched)["loss"]
+    return loss_lib.detr_loss(out["logits"], out["boxes"], t["tgt_classes"], t["tgt_boxes"], t["tgt_valid"],
+                            idx, matched)["loss"]
 
   @jax.jit
   def step(tr, opt):
@@ -190,8 +191,8 @@ def test_visft_trainable_splits(model_and_vars):
     d = out["detection"]
     idx, matched = det.hungarian_match_jax(
         det.matching_cost(d["logits"], d["boxes"], t["tgt_classes"], t["tgt_boxes"]), t["tgt_valid"])
-    l = det.detr_loss(d["logits"], d["boxes"], t["tgt_classes"], t["tgt_boxes"], t["tgt_valid"], idx, matched)["loss"]
-    l = l + det.mask_loss(out["masks"], t["tgt_masks"], t["tgt_valid"], idx, matched)["loss"]
+    l = loss_lib.detr_loss(d["logits"], d["boxes"], t["tgt_classes"], t["tgt_boxes"], t["tgt_valid"], idx, matched)["loss"]
+    l = l + loss_lib.mask_loss(out["masks"], t["tgt_masks"], t["tgt_valid"], idx, matched)["loss"]
     return l + jnp.mean(out["caption"] ** 2)
 
   g2 = jax.jit(jax.grad(lambda tr: loss_fn(merge_trees(tr, fr2))))(tr2)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmjax import sample
-from mmjax.train import stages
+from mmjax.recipes import stages
 
 from helpers import tiny_config
 
@@ -64,10 +64,11 @@ def test_run_starts_from_hf_weights_and_tokenizer(hf_model_dir, tmp_path):
 
 
 def test_bad_hf_dir_is_a_config_error(tmp_path):
-  from mmjax import config_lib
+  from mmjax.config import core
+  from mmjax.families import registry
   c = tiny_config(init_from_hf=str(tmp_path))
-  with pytest.raises(config_lib.ConfigError, match="config.init_from_hf=.*no config.json"):
-    config_lib.model_from_config(c, None)
+  with pytest.raises(core.ConfigError, match="config.init_from_hf=.*no config.json"):
+    registry.get(c.model.name).FAMILY.build(c, None)
 
 
 def test_trained_run_exports_to_transformers(hf_model_dir, tmp_path):

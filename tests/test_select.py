@@ -356,20 +356,20 @@ def _errordriven(arg="scale=0.02,budgets=24,pool=96"):
     ("select.pool.pool_mix", (("vqa", 1.0), ("video_caption", 1.0)), r"config.select.pool: data.pool_mix="),
 ])
 def test_select_config_errors_are_one_line(key, value, match):
-  from mmjax import config_lib
+  from mmjax.config import core, schema
   c = _errordriven()
   node = c
   *parents, leaf = key.split(".")
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(config_lib.ConfigError, match=match) as e:
-    config_lib.validate(c, 1)
+  with pytest.raises(core.ConfigError, match=match) as e:
+    schema.validate(c, 1)
   assert "\n" not in str(e.value) and str(e.value).startswith("stage '")
 
 
 def test_probe_questions_ask_every_kind_about_a_failed_image():
-  from mmjax.select import recipe
+  from mmjax.recipes import select as recipe
   rec = shapes.ShapesSource("vqa", 4, cfg=shapes.ShapesConfig(qa_skills=("colour",)))[2]
   qs = recipe.probe_questions(rec)
   assert [q[2] for q in qs] == list(shapes.QA_SKILLS) and qs == recipe.probe_questions(rec)

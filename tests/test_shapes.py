@@ -5,11 +5,11 @@ import time
 import numpy as np
 import pytest
 
-from mmjax.data import shapes, sources, tokenizer as tokenizer_lib
+from mmjax.data import shapes, shapes_draw, sources, tokenizer as tokenizer_lib
 from mmjax.evals import captions
 
 CHARSET = set(tokenizer_lib.BuiltinTokenizer.CHARS)
-EDGES = shapes._cell_edges(32)
+EDGES = shapes_draw.cell_edges(32)
 
 
 def _cell_of(box, edges=EDGES):
@@ -60,7 +60,7 @@ def _check_objects(image, masks, boxes, colours):
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     np.testing.assert_array_equal(box, [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
   background = ~masks.any(0)
-  assert (image[background] == shapes.BACKGROUND).all()
+  assert (image[background] == shapes_draw.BACKGROUND).all()
 
 
 def test_image_pixels_boxes_masks_and_facts_agree():
@@ -93,11 +93,11 @@ def test_all_shapes_and_bigger_images_render():
   for i in range(60):
     ex = src[i]
     _check_objects(ex["image"], ex["masks"], ex["boxes"], [f[1] for f in ex["facts"]])
-    assert [_cell_of(b, shapes._cell_edges(48)) for b in ex["boxes"]] == [f[4] for f in ex["facts"]]
+    assert [_cell_of(b, shapes_draw.cell_edges(48)) for b in ex["boxes"]] == [f[4] for f in ex["facts"]]
     seen |= {f[2] for f in ex["facts"]}
   assert seen == set(shapes.SHAPES)
   for side in (5, 6, 7, 8, 9, 13, 20):  # five distinct silhouettes, even when small
-    assert len({shapes._patch(s, side).tobytes() for s in shapes.SHAPES}) == 5
+    assert len({shapes_draw.patch_mask(s, side).tobytes() for s in shapes.SHAPES}) == 5
 
 
 def test_video_frames_follow_the_events():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mmjax import config_lib
-from mmjax.train import stages
+from mmjax.config import core, schema
+from mmjax.config.core import stage_config
+from mmjax.recipes import results as results_lib, stages
 
 from helpers import tiny_config
 
@@ -26,22 +27,22 @@ def _recipe(steps=3):
 
 def test_stage_config_applies_overrides():
   c = _recipe()
-  s = stages.stage_config(c, "pretrain")
+  s = stage_config(c, "pretrain")
   assert s.lora.targets == "" and s.data.task == "copy" and s.trainable == ("params/.*",)
-  assert stages.stage_config(c, "finetune").optimizer.lr == 3e-3
-  config_lib.validate(c, n_devices=8)
+  assert stage_config(c, "finetune").optimizer.lr == 3e-3
+  schema.validate(c, n_devices=8)
 
 
 def test_stage_validation_names_the_stage():
   c = _recipe()
   c.stages.finetune.trainable = ("nothing",)
   c.stages.pretrain.optimizer = ml_collections.ConfigDict({"schedule": "bogus"})
-  with pytest.raises(config_lib.ConfigError, match="stage 'pretrain': config.optimizer.schedule='bogus'"):
-    config_lib.validate(c, n_devices=8)
+  with pytest.raises(core.ConfigError, match="stage 'pretrain': config.optimizer.schedule='bogus'"):
+    schema.validate(c, n_devices=8)
   c = _recipe()
   c.stage_order = ("pretrain", "nope")
-  with pytest.raises(config_lib.ConfigError, match="names 'nope', which config.stages does not define"):
-    config_lib.validate(c, n_devices=8)
+  with pytest.raises(core.ConfigError, match="names 'nope', which config.stages does not define"):
+    schema.validate(c, n_devices=8)
 
 
 def test_two_stage_recipe_chains_and_resumes(tmp_path):
@@ -61,19 +62,18 @@ def test_two_stage_recipe_chains_and_resumes(tmp_path):
 
 
 def test_table_shows_a_start_row_only_for_new_starting_points():
-  from mmjax.train import stages
   a, b, c = {"missing": 0.0}, {"missing": 1.0}, {"missing": 0.4}
   results = {"pretrain": dict(eval_before=b, eval_after=a),  # first stage: no start row
              "directed": dict(eval_before=a, eval_after=c),  # starts where pretrain ended: no start row
              "joint": dict(eval_before={"missing": 0.9}, eval_after=c)}
-  rows = stages._table(results).splitlines()
+  rows = results_lib.table(results).splitlines()
   assert [r.split()[0] + (" " + r.split()[1] if "@start" in r else "") for r in rows[1:]] == \
       ["pretrain", "directed", "joint @start", "joint"]
   results["directed"]["eval_before"] = b  # a new eval task (not in any row above): a start row
-  assert "directed @start" in stages._table(results)
+  assert "directed @start" in results_lib.table(results)
   results["joint"]["eval_before"] = b  # the same start as directed: shown once
-  assert "joint @start" not in stages._table(results)
+  assert "joint @start" not in results_lib.table(results)
   # a DPO round scores fewer keys than the SFT stage before it; equal on the shared ones: no start row
-  rows = stages._table({"sft": dict(eval_before=b, eval_after={"missing": 0.3, "loss": 1.0}),
+  rows = results_lib.table({"sft": dict(eval_before=b, eval_after={"missing": 0.3, "loss": 1.0}),
                         "dpo_1": dict(eval_before={"missing": 0.3}, eval_after={"missing": 0.2})})
   assert "@start" not in rows

@@ -5,7 +5,7 @@ import pytest
 from flax import traverse_util
 
 from mmjax import sharding
-from mmjax.train import loop
+from mmjax.train import run as run_lib
 from mmjax.train.state import split
 
 from helpers import synthetic_batches, tiny_config
@@ -13,7 +13,7 @@ from helpers import synthetic_batches, tiny_config
 
 def _losses(config, devices, n_steps=3, batches=None):
   mesh = sharding.make_mesh(config.mesh, devices)
-  run = loop.build(config, mesh, config.model.vocab_size)
+  run = run_lib.build(config, mesh, config.model.vocab_size)
   state = run.init_state(jax.random.key(config.seed))
   batches = batches or synthetic_batches(n_steps, config.batch_size, config.seq_len, config.model.vocab_size)
   out = []
@@ -87,7 +87,7 @@ def test_sharded_vlm_step_matches_one_device():
   for name, mesh, devices in (("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                               ("eight", dict(data=2, fsdp=2, tensor=2), jax.devices())):
     config.mesh.update(**mesh)
-    run = loop.build(config, sharding.make_mesh(config.mesh, devices), tok)
+    run = run_lib.build(config, sharding.make_mesh(config.mesh, devices), tok)
     it = pipeline.make_train_iterator(config.data, global_batch=8, seq_len=64, seed=0, tokenizer=tok,
                                       visual_tokens=run.visual_tokens)
     state = run.init_state(jax.random.key(0))
@@ -122,7 +122,7 @@ def test_vlm_trains_on_jsonl_records_with_image_files(tmp_path):
   config.lora.targets = r".*(q_proj|v_proj|fc1|linear_1)"
   config.seq_len = 32
   config.mesh.update(data=1)
-  run = loop.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), tok)
+  run = run_lib.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), tok)
   assert run.objective.batch_fields[-1] == "images"
   it = pipeline.make_train_iterator(config.data, global_batch=8, seq_len=32, seed=0, tokenizer=tok,
                                     visual_tokens=run.visual_tokens)

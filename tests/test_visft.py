@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mmjax import config_lib, sharding
+from mmjax import sharding
+from mmjax.config import core, schema
 from mmjax.data import pipeline
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.evals import probes
-from mmjax.train import loop, visft
+from mmjax.objectives import visft
+from mmjax.train import run as run_lib
 
 from helpers import ROOT, apply_overrides, run_main
 
@@ -25,7 +27,7 @@ TOWER_LORA = r"vision/layers_\d+/(self_attn/(q_proj|k_proj|v_proj|out_proj)|mlp/
 
 def tiny_visft(**overrides):
   """Odd dims where they are free: tower 20 wide (4 heads x 5), heads 28 wide (4 x 7)."""
-  c = config_lib.base_config()
+  c = schema.base_config()
   c.objective = "visft"
   c.model.name = "visft"
   c.vision.update(image_size=32, patch_size=8, d_model=20, n_layers=2, n_heads=4, head_dim=5, mlp_dim=36,
@@ -57,7 +59,7 @@ def _batches(config, run, n):
 def _train(config, mesh, params=None, n=3):
   """(run, losses, first variables, last variables, last state) of n steps."""
   tok = load_tokenizer(config.data.tokenizer)
-  run = loop.build(config, mesh, tok)
+  run = run_lib.build(config, mesh, tok)
   with jax.set_mesh(mesh):
     state = run.init_state(jax.random.key(0)) if params is None else run.init_from_params(jax.random.key(0), params)
     first = jax.device_get(state.variables)
@@ -149,11 +151,10 @@ def test_8_devices_match_1_device(stage, one_device):
 
 
 def test_eval_metrics_and_flops(one_device):
-  config = tiny_visft()
-  run, state = one_device["s1"][0], one_device["s1"][4]
+  run, state = one_device["s1"][0], one_device["s1"][4]  # run.config is tiny_visft()
   assert run.flops_per_step() > 0 and run.flops_per_token == 0.0
   with jax.set_mesh(one_device["mesh"]):
-    out = run.objective.extra_eval(run, state.variables, config, load_tokenizer("builtin"))
+    out = run.objective.extra_eval(run, state.variables, load_tokenizer("builtin"))
   for key in ("det_map50", "det_map", "mask_iou", "cap_exact_match", "cap_missing", "cap_hallucination",
               "probe_count_acc", "probe_retrieval_r1", "probe_retrieval_r5"):
     assert key in out and np.isfinite(out[key]), key
@@ -210,8 +211,8 @@ def test_classification_and_retrieval_probes():
     ({"data.source": "coco"}, "data.source='coco' needs the COCO root directory"),
 ])
 def test_config_errors(edit, match):
-  with pytest.raises(config_lib.ConfigError, match=match) as e:
-    config_lib.validate(tiny_visft(**edit), n_devices=1)
+  with pytest.raises(core.ConfigError, match=match) as e:
+    schema.validate(tiny_visft(**edit), n_devices=1)
   assert "\n" not in str(e.value)
 
 
@@ -223,7 +224,7 @@ def test_clip_tower_from_hf_on_coco_and_export(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from mmjax.convert import vision as convert_vision
-  from mmjax.data import coco
+  from mmjax.data import coco_tiny
   from mmjax.models.vit import ViT
   torch.manual_seed(0)
   hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
@@ -232,8 +233,8 @@ def test_clip_tower_from_hf_on_coco_and_export(tmp_path):
   hf_dir = str(tmp_path / "clip")
   hf.save_pretrained(hf_dir)
   root = str(tmp_path / "coco")
-  coco.write_tiny_coco(root, "train", 24, image_size=64)
-  coco.write_tiny_coco(root, "val", 8, image_size=64, seed=1)
+  coco_tiny.write_tiny_coco(root, "train", 24, image_size=64)
+  coco_tiny.write_tiny_coco(root, "val", 8, image_size=64, seed=1)
   stages = {
       "heads": dict(steps=2, trainable=("params/heads/.*",)),
       "lora": dict(steps=2, trainable=("lora/vision/.*",), lora=dict(targets=TOWER_LORA, rank=4, alpha=8.0)),
@@ -281,12 +282,12 @@ def test_clip_coco_config_on_8_devices_abstractly(tmp_path):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config(f"hf={tmp_path},coco=/data/coco")
-  config_lib.validate(config, n_devices=8)
+  schema.validate(config, n_devices=8)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
   for name in config.stage_order:
-    from mmjax.train.stages import stage_config
+    from mmjax.config.core import stage_config
     cfg = stage_config(config, name)
-    run = loop.build(cfg, mesh, 49408)
+    run = run_lib.build(cfg, mesh, 49408)
     tower = run.abstract_params["vision"]
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tower))
     assert 3.0e8 < n < 3.1e8  # CLIP ViT-L/14-336

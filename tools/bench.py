@@ -2,7 +2,7 @@
 
   python tools/bench.py --shape bench_small [--mode train|sample|dpo] [--steps N] [--warmup W] [--peak] [--out FILE]
 
-`--mode train` builds the train step through `mmjax.train.loop.build` (the function a run
+`--mode train` builds the train step through `mmjax.train.run.build` (the function a run
 uses), feeds random token batches and reports: tokens/s (median over the timed steps
 after warmup), step time, TFLOP/s from the run's analytic FLOPs per token, the fraction of
 the measured matmul peak (`--peak` times a jitted f32 2048x2048 matmul once), peak memory
@@ -82,9 +82,9 @@ def compile_counter() -> CompileCounter:
 
 def make_config(shape: str, steps: int = 100):
   """The run config of a named shape (AdamW on LoRA factors, fp32)."""
-  from mmjax import config_lib
+  from mmjax.config import schema
   s = SHAPES[shape]
-  c = config_lib.base_config()
+  c = schema.base_config()
   c.model.update(s["model"])
   c.lora.update(targets=LORA_TARGETS, **s["lora"])
   c.trainable = ("lora/.*",)
@@ -173,15 +173,15 @@ def time_calls(call, n_warmup: int, n_timed: int, block) -> dict:
 
 def bench_train(config, steps: int = 10, warmup: int = 2, peak_gflops: float | None = None,
                 devices=None) -> dict:
-  """Times `run.train_step` of `mmjax.train.loop.build(config, ...)` on random batches
+  """Times `run.train_step` of `mmjax.train.run.build(config, ...)` on random batches
   (on `devices`, default all)."""
   from mmjax import sharding
-  from mmjax.train import loop
+  from mmjax.train import run as run_lib
 
   mesh = sharding.make_mesh(config.mesh, devices)
   vocab = config.model.vocab_size
   t0 = time.perf_counter()
-  run = loop.build(config, mesh, vocab)
+  run = run_lib.build(config, mesh, vocab)
   with jax.set_mesh(mesh):
     state = run.init_state(jax.random.key(config.seed))
     jax.block_until_ready(state)
@@ -229,10 +229,10 @@ def bench_sample(config, batch: int = 8, prompt_len: int = 64, new_tokens: int =
   """Times `mmjax.sample.generate` (KV cache, greedy) for `batch` prompts of `prompt_len`
   random tokens and `new_tokens` new tokens each, with the model's adapter applied."""
   from mmjax import sample, sharding
-  from mmjax.train import loop
+  from mmjax.train import run as run_lib
 
   mesh = sharding.make_mesh(config.mesh, devices)
-  run = loop.build(config, mesh, config.model.vocab_size)
+  run = run_lib.build(config, mesh, config.model.vocab_size)
   with jax.set_mesh(mesh):
     variables = run.init_state(jax.random.key(config.seed)).variables
   prompts = np.random.default_rng(0).integers(1, config.model.vocab_size, (batch, prompt_len)).astype(np.int32)

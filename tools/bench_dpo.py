@@ -33,9 +33,9 @@ LORA_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def make_config(shape: str, objective: str, reference: str = "adapter_base"):
-  from mmjax import config_lib
+  from mmjax.config import schema
   s = SHAPES[shape]
-  c = config_lib.base_config()
+  c = schema.base_config()
   c.model.update(s["model"])
   c.lora.update(targets=LORA_TARGETS, **s["lora"])
   c.trainable = ("lora/.*",)
@@ -75,9 +75,9 @@ def make_batch(config, seed=0) -> dict:
 def time_step(config, steps: int = 5, warmup: int = 2) -> dict:
   """Median seconds per train step (compile excluded) of `config` on one device."""
   from mmjax import sharding
-  from mmjax.train import loop
+  from mmjax.train import run as run_lib
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  run = loop.build(config, mesh, config.model.vocab_size)
+  run = run_lib.build(config, mesh, config.model.vocab_size)
   batch = run.global_batch(make_batch(config))
   times = []
   with jax.set_mesh(mesh):

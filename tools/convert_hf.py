@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmjax.convert import llama as convert_llama  # noqa: E402
 from mmjax.convert import model_dir  # noqa: E402
+from mmjax.convert.common import read_json  # noqa: E402
 from mmjax.convert import vision as convert_vision  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def _import(args) -> None:
   lora = None
   if args.peft:
     cfg, lora = convert_llama.import_peft(args.peft, cfg, params, dtype="float32")
-  hf = convert_llama.read_json(args.hf, "config.json")
+  hf = read_json(args.hf, "config.json")
   model_dir.save(args.out, cfg, params, lora, hf_architecture=convert_llama.architecture_of(hf), hf_config=hf,
                  hf_dir=args.hf)
   print(f"wrote {args.out}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}"
@@ -89,7 +90,7 @@ def _export(args) -> None:
 
 def _import_vision(args) -> None:
   cfg, params = convert_vision.import_hf_vision(args.hf, dtype=args.dtype)
-  hf = convert_llama.read_json(args.hf, "config.json")
+  hf = read_json(args.hf, "config.json")
   arch = convert_vision.architecture_of(hf)
   convert_vision.save_dir(args.out, cfg, params, hf_architecture=arch, hf_config=hf)
   print(f"wrote {args.out}: {arch} vision tower, {cfg.n_layers} layers, d_model {cfg.d_model}")

@@ -5,7 +5,8 @@
 
 The stage's student is the final model of the stage it starts from (its `init_from_stage`,
 or the stage before it), which must have finished in WORKDIR (run the recipe that far, or
-all of it). The selection is computed exactly as the recipe would (mmjax/select/recipe.py):
+all of it). The selection is computed exactly as the recipe would (the stage kind in
+mmjax/recipes/select.py):
 student answers on the validation set, errors, the teacher's gap profile, retrieval from the
 pool by skills and embeddings; it is written to --out (default: the stage's own
 selection.json, which a later recipe run then trains on) and summarised on stdout.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,52 +36,51 @@ def main(argv):
   if FLAGS.config is None or not FLAGS.workdir or not FLAGS.stage:
     mmjax_main._fail("--config, --workdir and --stage are required")
   import jax
-  from mmjax import config_lib, sharding
+  from mmjax import files, sharding
+  from mmjax.config import schema
+  from mmjax.config.core import stage_config
   from mmjax.data.tokenizer import load_tokenizer
-  from mmjax.select import recipe
-  from mmjax.train import loop, stages
+  from mmjax.recipes import kinds, stages
+  from mmjax.recipes.select import SELECTION
+  from mmjax.train import run as run_lib
 
   config = FLAGS.config
   try:
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+    schema.validate(config, jax.device_count(), jax.process_count(), files=True)
   except ValueError as e:
     mmjax_main._fail(f"config error: {e}")
   order = tuple(config.stage_order)
   if FLAGS.stage not in order:
     mmjax_main._fail(f"--stage={FLAGS.stage!r} is not a stage of this recipe; stages: {', '.join(order) or 'none'}")
-  cfg = stages.stage_config(config, FLAGS.stage)
-  if not cfg.select.method:
+  cfg = stage_config(config, FLAGS.stage)
+  if not SELECTION.applies(cfg):
     mmjax_main._fail(f"stage {FLAGS.stage!r} has no config.select.method; stages with one: "
-                     + ", ".join(n for n in order if stages.stage_config(config, n).select.method))
+                     + ", ".join(n for n in order if SELECTION.applies(stage_config(config, n))))
   k = order.index(FLAGS.stage)
   start = cfg.init_from_stage or (order[k - 1] if k else None)
   needed = [start] + ([cfg.select.teacher_stage] if cfg.select.method == "errors" and cfg.select.teacher == "model" else [])
   mesh = sharding.make_mesh(cfg.mesh)
   tok = load_tokenizer(cfg.data.tokenizer)
-  run = loop.build(cfg, mesh, tok)
+  sdir = os.path.join(FLAGS.workdir, "stages", FLAGS.stage)
+  run = run_lib.build(SELECTION.configure(cfg, os.path.join(sdir, SELECTION.file)), mesh, tok)
   finals = {}
   for name in needed:
     path = os.path.join(FLAGS.workdir, "stages", str(name), "final")
     if name is None or not os.path.isdir(path):
       mmjax_main._fail(f"stage {FLAGS.stage!r} starts from stage {name!r}, which has not finished in {FLAGS.workdir} "
                        f"(no {path}); run the recipe up to it first")
-    finals[name] = stages._restore_params(path, stages.loop.build(stages.stage_config(config, name), mesh, tok))
-  if FLAGS.out:  # computed afresh in a scratch directory next to --out, then moved there
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    out_dir = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(FLAGS.out)))
-  else:
-    out_dir = os.path.join(FLAGS.workdir, "stages", FLAGS.stage)
-    os.makedirs(out_dir, exist_ok=True)
+    finals[name] = stages.restore_params(path, run_lib.build(stage_config(config, name), mesh, tok))
+  ctx = kinds.StageContext(FLAGS.stage, cfg, sdir, run, tok, mesh, finals[start], finals)
+  out = FLAGS.out or os.path.join(sdir, SELECTION.file)
   with jax.set_mesh(mesh):
-    written = recipe.select_for_stage(cfg, out_dir, run, finals[start], tok, finals)
-  if FLAGS.out:
-    os.replace(written, FLAGS.out)
-    os.rmdir(out_dir)
-    written = FLAGS.out
-  with open(written) as f:
+    if FLAGS.out:  # computed afresh, written atomically
+      files.atomic_write(out, SELECTION.produce(ctx))
+    else:  # the stage's own file: kept if it exists (a stage may have trained on it)
+      files.write_once(out, lambda: SELECTION.produce(ctx))
+  with open(out) as f:
     meta = json.load(f)["meta"]
   print(json.dumps(meta, indent=1, sort_keys=True))
-  print(f"selection: {written}")
+  print(f"selection: {out}")
 
 
 if __name__ == "__main__":

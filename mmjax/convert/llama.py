@@ -30,45 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from flax import traverse_util
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from mmjax import lora as lora_lib
 from mmjax import sharding
 from mmjax.convert import safetensors_io as stio
+from mmjax.convert.common import check_param_shapes, find_architecture, read_json, unsupported
+from mmjax.files import atomic_write
 from mmjax.models.llama import Llama, LlamaConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 _SUPPORTED = ", ".join(ARCHITECTURES)
 _PEFT_PREFIX = "base_model.model."
-
-
-def _unsupported(field: str, value, supported: str):
-  raise ValueError(f"config.json {field}={value!r} is not supported; supported: {supported}")
-
-
-def find_architecture(hf: dict, architectures, model_types: dict) -> str:
-  """The first of config.json's `architectures` that is in `architectures`, else the class
-  `model_types` maps its `model_type` to; anything else is a one-line ValueError."""
-  archs = hf.get("architectures") or []
-  for a in archs:
-    if a in architectures:
-      return a
-  if archs:
-    _unsupported("architectures", archs, ", ".join(architectures))
-  if hf.get("model_type") in model_types:
-    return model_types[hf["model_type"]]
-  _unsupported("model_type", hf.get("model_type"), ", ".join(model_types))
-
-
-def check_param_shapes(flat: dict, want: dict) -> None:
-  """Flat params against the flat specs a model config implies; a one-line ValueError
-  naming the first param that is absent, extra or mis-shaped."""
-  for p in sorted(set(want) | set(flat)):
-    if p not in flat or p not in want or tuple(flat[p].shape) != tuple(want[p].shape):
-      got = tuple(flat[p].shape) if p in flat else "absent"
-      raise ValueError(f"params {p!r} has shape {got}, but cfg implies "
-                       f"{tuple(want[p].shape) if p in want else 'no such param'}")
 
 
 def architecture_of(hf: dict) -> str:
@@ -82,17 +54,17 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
   field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
   rp = dict(hf.get(field) or {})
   if rp and all(isinstance(v, dict) for v in rp.values()):
-    _unsupported(field, "per-layer-type RoPE", "one RoPE for all layers")
+    unsupported(field, "per-layer-type RoPE", "one RoPE for all layers")
   theta = float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
   key = "rope_type" if "rope_type" in rp else "type"
   kind = rp.get(key, "default")
   prf = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   if prf not in (None, 1, 1.0):
-    _unsupported("partial_rotary_factor", prf, "1.0")
+    unsupported("partial_rotary_factor", prf, "1.0")
   if kind in (None, "default"):
     return theta, None
   if kind != "llama3":
-    _unsupported(f"{field}.{key}", kind, "default (none), llama3")
+    unsupported(f"{field}.{key}", kind, "default (none), llama3")
   scaling = {
       "factor": float(rp["factor"]), "low_freq_factor": float(rp["low_freq_factor"]),
       "high_freq_factor": float(rp["high_freq_factor"]),
@@ -108,21 +80,21 @@ def config_from_hf(hf: dict) -> LlamaConfig:
   family = ARCHITECTURES[arch]
   act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
   if act != "silu":
-    _unsupported("hidden_act", act, "silu")
+    unsupported("hidden_act", act, "silu")
   if hf.get("mlp_bias"):
-    _unsupported("mlp_bias", hf["mlp_bias"], "false")
+    unsupported("mlp_bias", hf["mlp_bias"], "false")
   if family != "qwen2" and hf.get("attention_bias"):
-    _unsupported("attention_bias", hf["attention_bias"],
+    unsupported("attention_bias", hf["attention_bias"],
                  f"false for {arch} (it also biases o_proj, which mmjax lacks); q/k/v-only bias is Qwen2ForCausalLM")
   layer_types = hf.get("layer_types") or []
   if any(t != "full_attention" for t in layer_types):
-    _unsupported("layer_types", sorted(set(layer_types)), "'full_attention' only (no sliding window)")
+    unsupported("layer_types", sorted(set(layer_types)), "'full_attention' only (no sliding window)")
   if family == "qwen2" and hf.get("use_sliding_window"):
-    _unsupported("use_sliding_window", hf["use_sliding_window"], "false (full attention)")
+    unsupported("use_sliding_window", hf["use_sliding_window"], "false (full attention)")
   if family == "mistral" and hf.get("sliding_window") is not None:
     max_pos = hf.get("max_position_embeddings")
     if max_pos is None or hf["sliding_window"] < max_pos:
-      _unsupported("sliding_window", hf["sliding_window"],
+      unsupported("sliding_window", hf["sliding_window"],
                    f"null or >= max_position_embeddings ({max_pos}), i.e. full attention")
   try:
     n_heads = int(hf["num_attention_heads"])
@@ -212,12 +184,6 @@ def param_specs(cfg: LlamaConfig) -> tuple[dict, dict]:
   return traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/"), names
 
 
-def _sharding(names, shape, mesh, rules):
-  if mesh is None:
-    return SingleDeviceSharding(jax.local_devices()[0])
-  return NamedSharding(mesh, sharding.logical_to_spec(names, shape, mesh, rules))
-
-
 def _place(reader: stio.Reader, name: str, transpose: bool, shape, sh, dtype: np.dtype) -> jax.Array:
   """One tensor straight into its sharding: each device reads only its own slice."""
   def read(index):
@@ -227,22 +193,8 @@ def _place(reader: stio.Reader, name: str, transpose: bool, shape, sh, dtype: np
   return jax.make_array_from_callback(tuple(shape), sh, read)
 
 
-def _to_host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 # ---------------------------------------------------------------------------------------
 # Models
-
-def read_json(path: str, file: str) -> dict:
-  full = os.path.join(path, file)
-  if not os.path.exists(full):
-    raise ValueError(f"no {file} in {path}")
-  with open(full) as f:
-    return json.load(f)
-
 
 def import_hf(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES, dtype: str = "float32"
               ) -> tuple[LlamaConfig, dict]:
@@ -280,7 +232,7 @@ def import_hf(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES, dtype: str 
     flat = {}
     for name, (p, transpose, _) in expected.items():
       shape = shapes[p].shape
-      flat[p] = _place(reader, name, transpose, shape, _sharding(names[p], shape, mesh, rules), np_dt)
+      flat[p] = _place(reader, name, transpose, shape, sharding.placement(names[p], shape, mesh, rules), np_dt)
     jax.block_until_ready(flat)
   return cfg, traverse_util.unflatten_dict(flat, sep="/")
 
@@ -307,13 +259,12 @@ def export_hf(path: str, cfg: LlamaConfig, params: dict, lora: dict | None = Non
   for p, x in sorted(flat.items()):
     name, transpose = hf_name(p)
     shape = tuple(x.shape[::-1]) if transpose else tuple(x.shape)
-    get = (lambda x=x, t=transpose: _to_host(x).T if t else _to_host(x))
+    get = (lambda x=x, t=transpose: sharding.to_host(x).T if t else sharding.to_host(x))
     entries.append(stio.Entry(name, shape, np_dt, get))
   write = jax.process_index() == 0
   stio.write_dir(path, entries, max_shard_bytes=max_shard_bytes, write=write)
   if write:
-    with open(os.path.join(path, "config.json"), "w") as f:
-      json.dump(config, f, indent=2)
+    atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
   if lora is not None and not merge:
     export_peft(os.path.join(path, "adapter"), cfg, lora, base_model_name_or_path=os.path.abspath(path),
                 dtype=dtype)
@@ -369,7 +320,7 @@ def import_peft(path: str, cfg: LlamaConfig, params: dict, *, mesh=None, rules=s
         # when it is the base model's own weight.
         p = base_tensors[base]
         x = reader.read(name)
-        want = _to_host(flat_params[p])
+        want = sharding.to_host(flat_params[p])
         want = want.T if hf_name(p)[1] else want
         if x.shape != want.shape or not np.array_equal(x.astype(np.float32), want.astype(np.float32)):
           raise ValueError(f"{path}: tensor {name!r} differs from the base model's {base!r}; adapters that "
@@ -399,7 +350,7 @@ def import_peft(path: str, cfg: LlamaConfig, params: dict, *, mesh=None, rules=s
       axes = traverse_util.flatten_dict(axes, sep="/")
       for leaf, name in (("a", a_name), ("b", b_name)):
         shape = (d_in, rank) if leaf == "a" else (rank, d_out)
-        sh = _sharding(axes[f"{module}/{leaf}"], shape, mesh, rules)
+        sh = sharding.placement(axes[f"{module}/{leaf}"], shape, mesh, rules)
         flat[f"{module}/{leaf}"] = _place(reader, name, True, shape, sh, np_dt)
     if not flat:
       raise ValueError(f"{path}: adapter_model.safetensors holds no LoRA weights")
@@ -436,8 +387,8 @@ def export_peft(path: str, cfg: LlamaConfig, lora: dict, base_model_name_or_path
   for m in modules:
     a, b = flat[m + "/a"], flat[m + "/b"]
     base = _PEFT_PREFIX + hf_module(m)
-    entries.append(stio.Entry(base + ".lora_A.weight", tuple(a.shape[::-1]), np_dt, lambda a=a: _to_host(a).T))
-    entries.append(stio.Entry(base + ".lora_B.weight", tuple(b.shape[::-1]), np_dt, lambda b=b: _to_host(b).T))
+    entries.append(stio.Entry(base + ".lora_A.weight", tuple(a.shape[::-1]), np_dt, lambda a=a: sharding.to_host(a).T))
+    entries.append(stio.Entry(base + ".lora_B.weight", tuple(b.shape[::-1]), np_dt, lambda b=b: sharding.to_host(b).T))
   write = jax.process_index() == 0
   stio.write_dir(path, sorted(entries), stem="adapter_model", write=write)
   config = dict(
@@ -448,5 +399,4 @@ def export_peft(path: str, cfg: LlamaConfig, lora: dict, base_model_name_or_path
       bias="none", fan_in_fan_out=False, modules_to_save=None, init_lora_weights=True, use_dora=False,
       inference_mode=True)
   if write:
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-      json.dump(config, f, indent=2)
+    atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))

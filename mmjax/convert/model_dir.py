@@ -19,11 +19,11 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
-from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from mmjax import lora as lora_lib
 from mmjax import sharding
 from mmjax.convert import llama as convert_llama
+from mmjax.files import atomic_write
 from mmjax.models.llama import LlamaConfig
 
 FORMAT = "mmjax.llama/v1"
@@ -41,8 +41,7 @@ def save(path: str, cfg: LlamaConfig, params: dict, lora: dict | None = None, *,
     return
   meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "hf_architecture": hf_architecture,
           "hf_config": hf_config}
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
+  atomic_write(os.path.join(path, CONFIG_FILE), json.dumps(meta, indent=2))
   if hf_dir:
     copied = [n for n in HF_FILES if os.path.exists(os.path.join(hf_dir, n))]
     if copied:
@@ -66,8 +65,7 @@ def read_meta(path: str, fmt: str = FORMAT) -> dict:
 def _target(shapes: dict, names: dict, mesh, rules) -> dict:
   def one(path):
     s = shapes[path]
-    sh = (SingleDeviceSharding(jax.local_devices()[0]) if mesh is None else
-          NamedSharding(mesh, sharding.logical_to_spec(names[path], s.shape, mesh, rules)))
+    sh = sharding.placement(names[path], s.shape, mesh, rules)
     return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
   return traverse_util.unflatten_dict({p: one(p) for p in shapes}, sep="/")
 

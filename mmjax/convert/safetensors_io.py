@@ -21,6 +21,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from mmjax.files import atomic_write
+
 # safetensors dtype codes <-> numpy dtypes.
 _CODES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -127,8 +129,8 @@ def _write_file(file: str, entries: list[Entry], metadata: dict[str, str]) -> No
   header["__metadata__"] = metadata
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-  tmp = file + ".tmp"
-  with open(tmp, "wb") as f:
+
+  def stream(f):
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for e in entries:
@@ -137,7 +139,7 @@ def _write_file(file: str, entries: list[Entry], metadata: dict[str, str]) -> No
         raise ValueError(f"tensor {e.name!r}: got shape {x.shape}, declared {tuple(e.shape)}")
       f.write(x.tobytes())
       del x
-  os.replace(tmp, file)
+  atomic_write(file, stream)
 
 
 def write_dir(path: str, entries: list[Entry], stem: str = "model", max_shard_bytes: int | None = None,
@@ -174,6 +176,5 @@ def write_dir(path: str, entries: list[Entry], stem: str = "model", max_shard_by
     files.append(os.path.join(path, name))
     weight_map.update({e.name: name for e in shard})
   index = {"metadata": {"total_size": sum(_nbytes(e) for e in entries)}, "weight_map": weight_map}
-  with open(index_file, "w") as f:
-    json.dump(index, f, indent=2)
+  atomic_write(index_file, json.dumps(index, indent=2))
   return files

@@ -36,8 +36,10 @@ from flax import traverse_util
 
 from mmjax import lora as lora_lib
 from mmjax import sharding
+from mmjax.convert import model_dir
 from mmjax.convert import safetensors_io as stio
-from mmjax.convert.llama import _sharding, _to_host, _unsupported, check_param_shapes, find_architecture, read_json
+from mmjax.convert.common import check_param_shapes, find_architecture, read_json, unsupported
+from mmjax.files import atomic_write
 from mmjax.models.vit import CLIP_LAYOUT, SIGLIP_LAYOUT, ViT, ViTConfig
 
 # HF class -> (family, whether it is a full two-tower model whose config nests `vision_config`).
@@ -82,12 +84,12 @@ def vit_config_from_hf(hf: dict) -> ViTConfig:
   v = {**_DEFAULTS[family], **{k: x for k, x in v.items() if x is not None}}
   act = v["hidden_act"]
   if act not in _ACTS:
-    _unsupported(where + "hidden_act", act, ", ".join(_ACTS))
+    unsupported(where + "hidden_act", act, ", ".join(_ACTS))
   d, heads = int(v["hidden_size"]), int(v["num_attention_heads"])
   if d % heads:
-    _unsupported(where + "num_attention_heads", heads, f"a divisor of hidden_size={d}")
+    unsupported(where + "num_attention_heads", heads, f"a divisor of hidden_size={d}")
   if int(v["image_size"]) % int(v["patch_size"]):
-    _unsupported(where + "image_size", v["image_size"], f"a multiple of patch_size={v['patch_size']}")
+    unsupported(where + "image_size", v["image_size"], f"a multiple of patch_size={v['patch_size']}")
   layout = dict(CLIP_LAYOUT if family == "clip" else SIGLIP_LAYOUT)
   if family == "siglip" and not v.get("vision_use_head", True):
     layout["pool"] = "none"
@@ -251,7 +253,7 @@ def import_hf_vision(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES, dtyp
     flat = {}
     for p, s in shapes.items():
       name, kind = hf_name(p)
-      flat[p] = _place(reader, prefix + name, kind, s.shape, _sharding(names[p], s.shape, mesh, rules), np_dt, cfg)
+      flat[p] = _place(reader, prefix + name, kind, s.shape, sharding.placement(names[p], s.shape, mesh, rules), np_dt, cfg)
     jax.block_until_ready(flat)
   return cfg, traverse_util.unflatten_dict(flat, sep="/")
 
@@ -279,20 +281,19 @@ def export_hf_vision(path: str, cfg: ViTConfig, params: dict, lora: dict | None 
       packed.setdefault(name, {})[kind] = x
       continue
     if kind == "conv":
-      get = (lambda x=x: _to_host(x).reshape(cfg.patch_size, cfg.patch_size, cfg.num_channels, -1)
+      get = (lambda x=x: sharding.to_host(x).reshape(cfg.patch_size, cfg.patch_size, cfg.num_channels, -1)
              .transpose(3, 2, 0, 1))
     else:
-      get = (lambda x=x, t=kind == "T": _to_host(x).T if t else _to_host(x))
+      get = (lambda x=x, t=kind == "T": sharding.to_host(x).T if t else sharding.to_host(x))
     entries.append(stio.Entry(PREFIX + name, shape, np_dt, get))
   for name, parts in sorted(packed.items()):
     shape = _hf_shape(parts["q"].shape, "q", cfg)
-    get = (lambda parts=parts: np.concatenate([_to_host(parts[k]).T for k in "qkv"], axis=0))
+    get = (lambda parts=parts: np.concatenate([sharding.to_host(parts[k]).T for k in "qkv"], axis=0))
     entries.append(stio.Entry(PREFIX + name, shape, np_dt, get))
   write = jax.process_index() == 0
   stio.write_dir(path, sorted(entries), write=write)
   if write:
-    with open(os.path.join(path, "config.json"), "w") as f:
-      json.dump(config, f, indent=2)
+    atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,19 +310,16 @@ CONFIG_FILE = "model_config.json"
 
 def save_dir(path: str, cfg: ViTConfig, params: dict, lora: dict | None = None, *,
              hf_architecture: str | None = None, hf_config: dict | None = None) -> None:
-  from mmjax.convert import model_dir
   path = os.path.abspath(path)
   model_dir.save_variables(path, params, lora)
   if jax.process_index() == 0:
     meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "hf_architecture": hf_architecture,
             "hf_config": hf_config}
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
+    atomic_write(os.path.join(path, CONFIG_FILE), json.dumps(meta, indent=2))
 
 
 def load_dir(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[ViTConfig, dict, dict | None, dict]:
   """(cfg, params, lora or None, meta) from a vision model directory, placed on `mesh`."""
-  from mmjax.convert import model_dir
   path = os.path.abspath(path)
   meta = model_dir.read_meta(path, FORMAT)
   cfg = ViTConfig.from_dict(meta["model"])

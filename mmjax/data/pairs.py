@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import grain
 import numpy as np
 
-from mmjax.data import pipeline, sources
+from mmjax.data import catalog, pipeline, sources
+from mmjax.files import atomic_write, jsonl
 
 _RENAME = {"tokens": "tokens", "targets": "targets", "loss_mask": "mask", "segment_ids": "segment_ids",
            "positions": "positions"}
@@ -95,7 +95,7 @@ def check_pairs(records: list[dict], tokenizer, seq_len: int, visual_tokens=None
 def media_source(config):
   """The train source online pairs point into with `index` (shapes), else None."""
   if config.data.source == "shapes":
-    return sources.make_source(config.data, "train")
+    return catalog.make_source(config.data, "train")
   return None
 
 
@@ -157,7 +157,7 @@ def make_train_iterator(path: str, config, *, tokenizer, visual_tokens=None, pro
     if need_ref and not all(k in r for k in ("ref_chosen_logps", "ref_rejected_logps")):
       raise PairsError(f"{r['_where']}: config.dpo.reference='precomputed' needs ref_chosen_logps and "
                        f"ref_rejected_logps")
-  local = pipeline._local_batch(config.batch_size, process_index, process_count)
+  local = pipeline.local_batch(config.batch_size, process_index, process_count)
   ds = grain.MapDataset.source(PairsSource(records, media))
   if config.data.shuffle:
     ds = ds.shuffle(seed=int(config.seed) % 2**32)
@@ -169,10 +169,5 @@ def make_train_iterator(path: str, config, *, tokenizer, visual_tokens=None, pro
 
 
 def write_pairs(path: str, records: list[dict]) -> None:
-  """Writes records as JSONL atomically (a temp file renamed), without the `_where` keys."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n")
-  os.replace(tmp, path)
+  """Writes records as JSONL atomically (`mmjax.files`), without the `_where` keys."""
+  atomic_write(path, jsonl(records))

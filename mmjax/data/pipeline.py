@@ -20,129 +20,15 @@ rows of the single-process global batch. The returned `grain.DatasetIterator` ha
 from __future__ import annotations
 
 import functools
-import importlib.util
-import json
 import os
 
 import grain
-import ml_collections
 import numpy as np
 
-from mmjax.data import sources, tokenizer as tokenizer_lib
+from mmjax.data import catalog, sources
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-SOURCES = ("generated", "jsonl", "arrayrecord", "tfds", "shapes", "coco")
-SHAPES_TASKS = ("image_caption", "vqa", "video_caption", "pool")
 MEDIA_FIELDS = ("images", "frames")
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """`config.data`: where records come from and how they become batches."""
-  return ml_collections.ConfigDict(dict(
-      source="generated",  # 'generated' | 'jsonl' | 'arrayrecord' | 'tfds' | 'shapes' | 'coco'
-      task="reverse",  # generated task: reverse | add | sort | copy
-      train_path="",  # jsonl/arrayrecord: file, comma-separated files or glob
-      eval_path="",  # same; '' = no eval set
-      tfds_name="",  # e.g. 'my_dataset:1.0.0' (already prepared in tfds_data_dir)
-      tfds_data_dir="",  # '' = TFDS default
-      train_split="train",  # tfds / coco split for training (coco: e.g. 'train2017')
-      eval_split="",  # tfds / coco split for eval; '' = no eval set
-      coco_root="",  # coco: the directory with annotations/instances_SPLIT.json and SPLIT/ images
-      text_key="text",  # record field with plain text (loss on all tokens)
-      prompt_key="prompt",  # record field with the prompt (no loss)
-      response_key="response",  # record field with the response (loss)
-      image_key="image",  # record field with media: an image path (relative to the JSONL file) or pixels
-      #                     (TFDS), or a list of them (video frames); VLMs only
-      tokenizer="builtin",  # 'builtin' (characters), 'builtin_words' (shapes words) or a local HF tokenizer dir
-      packing=False,  # pack several examples per row (segment ids 1, 2, ...)
-      num_train_examples=20_000,  # generated train set size
-      num_eval_examples=256,  # generated eval set size; 0 = no eval set
-      shuffle=True,  # reshuffle the train set every epoch with the run seed
-      worker_count=0,  # Grain worker processes; 0 = in-process
-      image_size=32,  # images are resized (jsonl image paths) or rendered (shapes) at this size
-      max_objects=3,  # shapes: objects per image
-      video_frames=5,  # shapes: frames per video
-      max_events=4,  # shapes: most events per video (<= video_frames)
-      timed=False,  # shapes: video captions state each event's frame (" at frame 2"); scored as `timing`
-      qa_skills=("count", "colour", "shape", "size", "position", "existence"),  # shapes vqa: question kinds asked
-      pool_mix=(("image_caption", 1.0), ("vqa", 3.0)),  # shapes task 'pool': (task, weight) pairs; image
-      #                                                  tasks and video_caption do not mix in one batch
-      responses_path="",  # JSONL of {"index", "response"}: train on those records of the train
-      #                     source with these responses (rebirth SFT on a model's own answers)
-      indices_path="",  # a selection file ({"indices": [...]}, mmjax.select.retrieve.write_selection):
-      #                   train on only those records of the train source (data selection)
-      drop_media=False,  # drop images/frames from the records: text-only examples (e.g. a language
-      #                    model's adapter trained on captions alone in directed fine-tuning)
-  ))
-
-
-def _bad(key, value, valid) -> ValueError:
-  return ValueError(f"data.{key}={value!r} is not valid; {valid}")
-
-
-def validate_data_config(data_cfg) -> None:
-  """Raises ValueError naming `data.KEY`, the value and what is valid. Opens no data."""
-  c = data_cfg
-  if c.source not in SOURCES:
-    raise _bad("source", c.source, f"expected one of {', '.join(SOURCES)}")
-  tok = c.tokenizer
-  if tok not in tokenizer_lib.BUILTINS and not os.path.isfile(os.path.join(str(tok), "tokenizer.json")):
-    raise _bad("tokenizer", tok, "expected 'builtin', 'builtin_words' or a local directory holding tokenizer.json")
-  for key in ("text_key", "prompt_key", "response_key"):
-    if not isinstance(c[key], str) or not c[key]:
-      raise _bad(key, c[key], "expected a non-empty field name")
-  if not isinstance(c.worker_count, int) or c.worker_count < 0:
-    raise _bad("worker_count", c.worker_count, "expected an integer >= 0")
-  for key in ("packing", "shuffle"):
-    if not isinstance(c[key], bool):
-      raise _bad(key, c[key], "expected True or False")
-  if c.source == "shapes":
-    if c.task not in SHAPES_TASKS:
-      raise _bad("task", c.task, f"data.source='shapes' expects one of {', '.join(SHAPES_TASKS)}")
-    if c.packing:
-      raise _bad("packing", c.packing, "packing is not supported with images or videos; set it to False")
-    from mmjax.data import shapes
-    if not c.qa_skills or any(k not in shapes.QA_SKILLS for k in c.qa_skills):
-      raise _bad("qa_skills", c.qa_skills, f"expected a non-empty tuple from {', '.join(shapes.QA_SKILLS)}")
-    if c.task == "pool":
-      mix = dict(tuple(p) for p in c.pool_mix)
-      used = {t for t, w in mix.items() if w > 0}
-      if not used or not used <= set(SHAPES_TASKS) - {"pool"} or ("video_caption" in used and len(used) > 1):
-        raise _bad("pool_mix", c.pool_mix, "expected (task, weight) pairs of image tasks (image_caption, vqa) "
-                   "or of video_caption alone (a batch holds images or videos, not both)")
-    if not 1 <= c.max_events <= c.video_frames:
-      raise _bad("max_events", c.max_events, f"expected 1 <= max_events <= data.video_frames ({c.video_frames})")
-  if c.source in ("generated", "shapes"):
-    if c.source == "generated" and c.task not in sources.GENERATED_TASKS:
-      raise _bad("task", c.task, f"expected one of {', '.join(sources.GENERATED_TASKS)}")
-    if c.num_train_examples <= 0:
-      raise _bad("num_train_examples", c.num_train_examples, "expected a positive count")
-    if c.num_eval_examples < 0:
-      raise _bad("num_eval_examples", c.num_eval_examples, "expected a count >= 0")
-  elif c.source in ("jsonl", "arrayrecord"):
-    if not c.train_path:
-      raise _bad("train_path", c.train_path, f"data.source={c.source!r} needs a file, list or glob")
-    for key in ("train_path", "eval_path"):
-      if c[key]:
-        try:
-          sources.expand_paths(c[key])
-        except ValueError as e:
-          raise _bad(key, c[key], str(e)) from None
-  elif c.source == "coco":
-    for key in ("train_split", "eval_split"):
-      split = c[key]
-      if split and not os.path.isfile(os.path.join(str(c.coco_root), "annotations", f"instances_{split}.json")):
-        raise _bad("coco_root", c.coco_root, f"expected {os.path.join(str(c.coco_root), 'annotations', f'instances_{split}.json')} "
-                   f"(data.{key}={split!r})")
-    if c.packing:
-      raise _bad("packing", c.packing, "packing is not supported with images; set it to False")
-  elif c.source == "tfds":
-    if not c.tfds_name:
-      raise _bad("tfds_name", c.tfds_name, "data.source='tfds' needs a dataset name")
-    if not c.train_split:
-      raise _bad("train_split", c.train_split, "expected a TFDS split such as 'train'")
-    if importlib.util.find_spec("tensorflow_datasets") is None:
-      raise _bad("source", c.source, "tensorflow-datasets is not installed: pip install 'mmjax[tfds]'")
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -287,97 +173,28 @@ def _own_arrays(batch: dict) -> dict:
 # ----------------------------------------------------------------------------- iterators
 
 
-def _local_batch(global_batch: int, process_index: int, process_count: int) -> int:
+def fixed_chunks(items, size: int):
+  """Yields (chunk, n_real): consecutive runs of `size` items (a list or an array), the last
+  one filled up with copies of its last item, so every chunk has one shape (one compiled
+  function); results for the filler rows are to be dropped (`[:n_real]`)."""
+  for start in range(0, len(items), size):
+    real = items[start:start + size]
+    pad = size - len(real)
+    if pad and isinstance(real, np.ndarray):
+      real = np.concatenate([real, np.repeat(real[-1:], pad, axis=0)])
+    elif pad:
+      real = list(real) + [real[-1]] * pad
+    yield real, size - pad
+
+
+def local_batch(global_batch: int, process_index: int, process_count: int) -> int:
+  """This process's rows of a global batch (which the process count must divide)."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not valid for process_count={process_count}")
   if global_batch <= 0 or global_batch % process_count:
     raise ValueError(f"global batch {global_batch} must be a positive multiple of the process "
                      f"count {process_count}")
   return global_batch // process_count
-
-
-class _ReplacedResponses:
-  """The records of `source` named in a responses file, with the file's responses."""
-
-  def __init__(self, source, path: str):
-    self.source, self.rows = source, []
-    with open(path) as f:
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            row = json.loads(line)
-            self.rows.append((int(row["index"]), str(row["response"])))
-          except (ValueError, KeyError, TypeError) as e:
-            raise sources.RecordError(f"{path}:{n}: expected {{\"index\": int, \"response\": str}} ({e})") from None
-
-  def __len__(self):
-    return len(self.rows)
-
-  def __getitem__(self, i):
-    index, response = self.rows[int(i)]
-    return dict(self.source[index], response=response)
-
-  def __repr__(self):
-    return f"_ReplacedResponses({self.source!r}, {len(self)} responses)"
-
-
-class _Subset:
-  """The records of `source` at the indices of a selection file, in the file's order."""
-
-  def __init__(self, source, path: str):
-    from mmjax.select import retrieve
-    if not os.path.isfile(path):
-      raise ValueError(f"data.indices_path={path!r} does not exist; expected a selection file "
-                       "written by mmjax.select.retrieve.write_selection")
-    try:
-      self.indices, _ = retrieve.read_selection(path)
-    except ValueError as e:  # json.JSONDecodeError is a ValueError
-      raise ValueError(f"data.indices_path={path!r} is not a selection file: {e}") from None
-    self.source = source
-    bad = [int(i) for i in self.indices if not 0 <= i < len(source)]
-    if bad:
-      raise ValueError(f"data.indices_path={path!r} holds index {bad[0]}, outside the train source "
-                       f"{source!r} of {len(source)} records")
-
-  def __len__(self):
-    return len(self.indices)
-
-  def __getitem__(self, i):
-    return self.source[int(self.indices[int(i)])]
-
-  def __repr__(self):
-    return f"_Subset({self.source!r}, {len(self)} of {len(self.source)})"
-
-
-class _TextOnly:
-  """`source`'s records without their pixels (`image`, `frames` and the arrays that go with them)."""
-
-  def __init__(self, source):
-    self.source = source
-
-  def __len__(self):
-    return len(self.source)
-
-  def __getitem__(self, i):
-    return {k: v for k, v in self.source[i].items() if k not in ("image", "frames", "masks", "boxes", "visible")}
-
-  def __repr__(self):
-    return f"_TextOnly({self.source!r})"
-
-
-def open_source(data_cfg, split: str):
-  """The train or eval source of a data config, with `responses_path`, `indices_path`
-  (train only) and `drop_media` applied; None when the split has no source."""
-  source = sources.make_source(data_cfg, split)
-  if split == "train" and data_cfg.get("responses_path") and source is not None:
-    source = _ReplacedResponses(source, data_cfg.responses_path)
-  if split == "train" and data_cfg.get("indices_path") and source is not None:
-    source = _Subset(source, data_cfg.indices_path)
-  if data_cfg.get("drop_media") and source is not None:
-    source = _TextOnly(source)
-  if source is not None and len(source) == 0:
-    raise ValueError(f"data {split} source {source!r} has no records")
-  return source
 
 
 def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, tokenizer,
@@ -387,10 +204,10 @@ def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, 
 
   `example_fn(record) -> dict of arrays` replaces the tokenizing of records (an objective
   with other batch fields, e.g. ViSFT's images and detection targets)."""
-  validate_data_config(data_cfg)
-  local = _local_batch(global_batch, process_index, process_count)
+  catalog.validate_data_config(data_cfg)
+  local = local_batch(global_batch, process_index, process_count)
   seed = int(seed) % 2**32
-  source = open_source(data_cfg, "train")
+  source = catalog.open_source(data_cfg, "train")
   ds = grain.MapDataset.source(source)
   if data_cfg.shuffle:
     ds = ds.shuffle(seed=seed)
@@ -447,9 +264,9 @@ def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
   loss_mask), so every process has the same number of equally shaped batches. [] when there
   is no eval set. `example_fn` as in `make_train_dataset`.
   """
-  validate_data_config(data_cfg)
-  local = _local_batch(batch, process_index, process_count)
-  source = open_source(data_cfg, "eval")
+  catalog.validate_data_config(data_cfg)
+  local = local_batch(batch, process_index, process_count)
+  source = catalog.open_source(data_cfg, "eval")
   if source is None:
     return []
   fn = example_fn or functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len,

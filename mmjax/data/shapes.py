@@ -59,19 +59,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import json
 import random
 import zlib
 
 import numpy as np
 
-SHAPES = ("square", "circle", "triangle", "diamond", "cross")
+from mmjax.data import sources
+from mmjax.data.shapes_draw import PALETTE, SHAPES, canvas, draw, object_sides, place
+
 PLURALS = {"square": "squares", "circle": "circles", "triangle": "triangles", "diamond": "diamonds",
            "cross": "crosses"}
-PALETTE = {  # distinct RGB, none equal to BACKGROUND; "a"-words only (no "an orange")
-    "red": (230, 40, 40), "green": (40, 200, 70), "blue": (50, 100, 245), "yellow": (240, 220, 40),
-    "purple": (160, 60, 220), "white": (240, 240, 240), "cyan": (40, 215, 225), "pink": (250, 140, 190)}
 COLOURS = tuple(PALETTE)
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
@@ -83,7 +81,6 @@ QA_SKILLS = ("count", "colour", "shape", "size", "position", "existence")
 SKILLS = ("colour", "shape", "size", "position", "count", "existence", "temporal_order")
 CAPTION_SKILLS = ("colour", "shape", "size", "position", "count")
 VIDEO_SKILLS = ("temporal_order", "colour", "shape", "position")
-BACKGROUND = (16, 16, 24)
 IMAGE_PROMPT = "describe the image."
 VIDEO_PROMPT = "describe the video."
 EVAL_BUCKETS = 10  # 1 in 10 captions is held out
@@ -131,74 +128,6 @@ class ShapesConfig:
     if not mix or any(t not in TASKS or w < 0 for t, w in mix.items()) or sum(mix.values()) <= 0:
       raise bad("pool_mix", f"expected (task, weight >= 0) pairs with tasks from {', '.join(TASKS)}")
     return self
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-def _cell_edges(size: int) -> np.ndarray:
-  return np.round(np.arange(4) * size / 3).astype(int)  # 32 -> [0, 11, 21, 32]
-
-
-def object_sides(size: int) -> dict:
-  """Side in pixels of the square an object is drawn in: {"small": s, "large": l}."""
-  cell = size // 3
-  return {"small": max(5, (cell + 1) // 2), "large": min(cell - 2, round(0.85 * cell))}
-
-
-@functools.lru_cache(maxsize=None)
-def _patch(shape: str, side: int) -> np.ndarray:
-  """bool [side, side]: the shape sampled at pixel centres of its unit square."""
-  c = (np.arange(side) + 0.5) / side - 0.5  # centred coordinates in (-0.5, 0.5)
-  u, v = c[None, :], c[:, None]
-  if shape == "square":
-    m = np.ones((side, side), bool)
-  elif shape == "circle":
-    m = u * u + v * v <= 0.25
-  elif shape == "diamond":
-    m = np.abs(u) + np.abs(v) <= 0.5
-  elif shape == "triangle":  # apex up, base on the bottom row
-    m = np.abs(u) <= (v + 0.5) / 2
-  elif shape == "cross":
-    m = (np.abs(u) <= 1 / 6) | (np.abs(v) <= 1 / 6)  # arms a third wide
-  else:
-    raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
-  m = np.broadcast_to(m, (side, side)).copy()
-  m.flags.writeable = False
-  return m
-
-
-@functools.lru_cache(maxsize=None)
-def _patch_box(shape: str, side: int) -> tuple:
-  m = _patch(shape, side)
-  rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-  return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
-def _place(rng: random.Random, cell: int, side: int, size: int, jitter: bool) -> tuple:
-  """Top-left corner (x, y) of a side x side square inside `cell`, 1 pixel from its edges."""
-  e = _cell_edges(size)
-  out = []
-  for lo, hi in ((e[cell % 3], e[cell % 3 + 1]), (e[cell // 3], e[cell // 3 + 1])):
-    first, last = lo + 1, hi - 1 - side
-    out.append(rng.randint(first, last) if jitter else (first + last) // 2)
-  return tuple(out)
-
-
-def _draw(image, mask, obj, size):
-  """Paints `obj` = (shape, colour, size_name, cell, (x, y)) into image [H, W, 3] and
-  mask [H, W]; returns its float32 box."""
-  shape, colour, size_name, _, (x, y) = obj
-  side = object_sides(size)[size_name]
-  patch = _patch(shape, side)
-  image[y:y + side, x:x + side][patch] = PALETTE[colour]
-  mask[y:y + side, x:x + side] = patch
-  x0, y0, x1, y1 = _patch_box(shape, side)
-  return np.array([x + x0, y + y0, x + x1, y + y1], np.float32)
-
-
-def _canvas(n_frames, size):
-  return np.broadcast_to(np.array(BACKGROUND, np.uint8), (n_frames, size, size, 3)).copy()
 
 
 # ----------------------------------------------------------------------------- text
@@ -330,12 +259,12 @@ def make_image(key: str, split: str, cfg: ShapesConfig) -> dict:
   facts_of = lambda objs: [("object", c, s, z, POSITIONS[cell]) for s, c, z, cell in objs]
   rng, objs = _split_rng(key, split, lambda o: image_caption(facts_of(o)), lambda r: _draw_objects(r, cfg))
   size, sides = cfg.image_size, object_sides(cfg.image_size)
-  image = _canvas(1, size)[0]
+  image = canvas(1, size)[0]
   masks = np.zeros((len(objs), size, size), bool)
   boxes = np.zeros((len(objs), 4), np.float32)
   for i, (s, c, z, cell) in enumerate(objs):
-    corner = _place(rng, cell, sides[z], size, cfg.jitter)
-    boxes[i] = _draw(image, masks[i], (s, c, z, cell, corner), size)
+    corner = place(rng, cell, sides[z], size, cfg.jitter)
+    boxes[i] = draw(image, masks[i], (s, c, z, cell, corner), size)
   facts = facts_of(objs)
   return {"image": image, "boxes": boxes, "masks": masks, "facts": facts,
           "classes": np.array([cfg.shapes.index(o[0]) for o in objs], np.int32),
@@ -386,7 +315,7 @@ def make_video(key: str, split: str, cfg: ShapesConfig) -> dict:
                           lambda r: _draw_events(r, cfg))
   events, objects, times = scene
   size, sides, T, n = cfg.image_size, object_sides(cfg.image_size), cfg.video_frames, len(objects)
-  frames = _canvas(T, size)
+  frames = canvas(T, size)
   masks = np.zeros((T, n, size, size), bool)
   boxes = np.zeros((T, n, 4), np.float32)
   visible = np.zeros((T, n), bool)
@@ -398,11 +327,11 @@ def make_video(key: str, split: str, cfg: ShapesConfig) -> dict:
       if verb == "disappears":
         del state[o]
       else:
-        state[o] = (cell, _place(rng, cell, sides[objects[o][2]], size, cfg.jitter))
+        state[o] = (cell, place(rng, cell, sides[objects[o][2]], size, cfg.jitter))
       step += 1
     for o, (cell, corner) in state.items():
       s, c, z = objects[o]
-      boxes[t, o] = _draw(frames[t], masks[t, o], (s, c, z, cell, corner), size)
+      boxes[t, o] = draw(frames[t], masks[t, o], (s, c, z, cell, corner), size)
       visible[t, o] = True
   facts = _event_facts(scene)
   return {"frames": frames, "boxes": boxes, "masks": masks, "visible": visible, "times": list(times),
@@ -508,7 +437,5 @@ def write_arrayrecord(source, path: str, indices=None) -> int:
   `image` or `frames` (what `data.source='arrayrecord'` trains a VLM on);
   `from_json_record(raw_bytes)` restores the full example, arrays included.
   """
-  from mmjax.data import sources
-
   indices = range(len(source)) if indices is None else indices
   return sources.write_arrayrecord((to_json_record(source[i]) for i in indices), path)

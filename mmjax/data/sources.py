@@ -8,7 +8,8 @@ Every source yields one of three record dicts:
 
 Sources: JSONL files (line offsets indexed once, lines parsed on access), ArrayRecord files
 of JSON bytes, TFDS data sources (optional `tfds` extra) and `GeneratedTask`, small
-synthetic tasks that need no files.
+synthetic tasks that need no files. `mmjax.data.catalog` maps `data.source` names to them
+(and to the shapes and COCO sources).
 """
 from __future__ import annotations
 
@@ -332,41 +333,3 @@ class GeneratedTask:
 
   def __repr__(self):
     return f"GeneratedTask({self.name!r}, size={self.size}, seed={self.seed}, split={self.split!r})"
-
-
-def make_source(data_cfg, split: str):
-  """The train or eval source named by a data config, or None when eval has none."""
-  keys = dict(text_key=data_cfg.text_key, prompt_key=data_cfg.prompt_key, response_key=data_cfg.response_key,
-              image_key=data_cfg.image_key)
-  train = split == "train"
-  if data_cfg.source == "generated":
-    size = data_cfg.num_train_examples if train else data_cfg.num_eval_examples
-    # Content seeds are fixed per split: runs with different seeds see the same sets.
-    return GeneratedTask(data_cfg.task, size, seed=0 if train else 1, split=split) if size > 0 else None
-  if data_cfg.source == "shapes":
-    from mmjax.data import shapes
-    size = data_cfg.num_train_examples if train else data_cfg.num_eval_examples
-    cfg = shapes.ShapesConfig(image_size=data_cfg.image_size, max_objects=data_cfg.max_objects,
-                              video_frames=data_cfg.video_frames, max_events=data_cfg.max_events,
-                              min_events=min(2, data_cfg.max_events), timed=data_cfg.timed,
-                              pool_mix=tuple((str(t), float(w)) for t, w in data_cfg.pool_mix),
-                              qa_skills=tuple(data_cfg.qa_skills))
-    return shapes.ShapesSource(data_cfg.task, size, seed=0 if train else 1, split=split, cfg=cfg) if size > 0 else None
-  if data_cfg.source == "coco":
-    from mmjax.data import coco
-    split_name = data_cfg.train_split if train else data_cfg.eval_split
-    return coco.CocoSource(data_cfg.coco_root, split_name, data_cfg.image_size, data_cfg.max_objects) \
-        if split_name else None
-  if data_cfg.source in ("jsonl", "arrayrecord"):
-    path = data_cfg.train_path if train else data_cfg.eval_path
-    if not path:
-      return None
-    cls = JsonlSource if data_cfg.source == "jsonl" else ArrayRecordSource
-    return cls(path, **keys)
-  if data_cfg.source == "tfds":
-    tfds_split = data_cfg.train_split if train else data_cfg.eval_split
-    if not tfds_split:
-      return None
-    return TfdsSource(data_cfg.tfds_name, tfds_split, data_cfg.tfds_data_dir, **keys)
-  raise ValueError(f"data.source={data_cfg.source!r} is unknown; valid: generated, jsonl, arrayrecord, tfds, "
-                   "shapes, coco")

@@ -134,7 +134,7 @@ def _lcs_pairs(a: list, b: list) -> list[tuple[int, int]]:
   return pairs
 
 
-def _one_off(pred, true, fields) -> str | None:
+def one_off(pred, true, fields) -> str | None:
   """The one field (name) in which pred and true differ, else None."""
   diff = [name for name, k in fields.items() if pred[k] != true[k]]
   same_rest = all(pred[k] == true[k] for k in range(len(true)) if k not in fields.values())
@@ -210,7 +210,7 @@ def caption_metrics(pred_text: str, true_facts, kind: str = "image", true_times=
   unpaired = list(missed)
   for p in invented:
     for t in unpaired:
-      skill = _one_off(p, t, fields)
+      skill = one_off(p, t, fields)
       if skill:
         errors[skill] += 1
         unpaired.remove(t)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmjax import detection as det
+from mmjax import boxes as det
 
 COCO_IOUS = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)

@@ -7,19 +7,17 @@ repetition rates through `mmjax.evals.captions`.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from mmjax import sample
-from mmjax.data import pipeline
+from mmjax.data import catalog, pipeline
 from mmjax.evals import captions
 
 
 def eval_records(data_cfg, n: int) -> list[dict]:
   """The first `n` records of the eval split (fewer if it is smaller)."""
-  source = pipeline.open_source(data_cfg, "eval")
-  if source is None:
-    return []
-  return [source[i] for i in range(min(n, len(source)))]
+  return catalog.records(data_cfg, "eval", n)
 
 
 def _answer(tokenizer, ids) -> str:
@@ -33,12 +31,9 @@ def generate_answers(run, variables, records, tokenizer, *, max_new_tokens: int,
                      temperature: float = 0.0, top_k: int = 0, rng=None) -> list[str]:
   """Answers (text up to eos) to each record's prompt, images/frames included: greedy, or
   sampled at `temperature` (chunk i draws with `rng` folded with i)."""
-  import jax
   out = []
   image_size = run.config.data.image_size
-  for i, start in enumerate(range(0, len(records), batch)):
-    real = records[start:start + batch]
-    chunk = real + [real[-1]] * (batch - len(real))  # fixed shapes: one compiled sampler
+  for i, (chunk, n_real) in enumerate(pipeline.fixed_chunks(records, batch)):  # one compiled sampler
     prompts = [pipeline.prompt_ids(r, tokenizer, run.visual_tokens, run.config.seq_len) for r in chunk]
     media = {}
     kind = pipeline.media_kind(chunk[0])
@@ -51,7 +46,7 @@ def generate_answers(run, variables, records, tokenizer, *, max_new_tokens: int,
     tokens, _ = sample.generate(run.model, variables, prompts, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, rng=key, stop_tokens=(tokenizer.eos_id,),
                                 pad_id=tokenizer.pad_id, prompt_len=run.config.seq_len, **media)
-    out += [_answer(tokenizer, t) for t in np.asarray(tokens)[:len(real)]]
+    out += [_answer(tokenizer, t) for t in np.asarray(tokens)[:n_real]]
   return out
 
 

@@ -18,32 +18,23 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mmjax import detection as det
-from mmjax.data import pipeline, sources
-from mmjax.evals import captions, probes
+from mmjax import boxes as det
+from mmjax import sharding
+from mmjax.data import catalog, pipeline
+from mmjax.evals import captions, features, probes
 from mmjax.evals import detection as det_eval
 from mmjax.models import heads
 
 
-def _host(x) -> np.ndarray:
-  """A (possibly sharded, possibly multi-host) array as one numpy array on every process."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
-def _fns(run):
-  """Jitted eval functions of a run, built once per run."""
-  cache = run.__dict__.setdefault("_visft_eval", {})
+def _fns(run, tokenizer):
+  """Jitted eval functions of a run, built once per run (`run.cache`)."""
+  cache = run.cache.setdefault("visft_eval", {})
   if cache:
     return cache
-  from mmjax.train import loop
   objective, model = run.objective, run.model
-  in_ctx = functools.partial(loop._in_context, mesh=run.mesh, rules=run.rules)
+  in_ctx = functools.partial(sharding.in_context, mesh=run.mesh, rules=run.rules)
 
   def forward(variables, batch):
     out = objective.outputs(variables, batch)
@@ -55,33 +46,13 @@ def _fns(run):
       res["masks"] = out["masks"]
     return res
 
-  def features(variables, images):
-    tokens = model.apply(variables, images, method=heads.VisionTaskModel.encode)
-    return jnp.mean(tokens.astype(jnp.float32), axis=1)
-
   cache["forward"] = jax.jit(in_ctx(forward))
-  cache["features"] = jax.jit(in_ctx(features))
   if run.model_cfg.caption is not None:
-    tok = run.__dict__["_visft_tokenizer"]
-    start = tok.bos_id if tok.bos_id is not None else tok.pad_id
+    start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id
     cache["caption"] = jax.jit(in_ctx(functools.partial(
-        heads.greedy_caption, model, bos_id=start, eos_id=tok.eos_id, pad_id=tok.pad_id,
+        heads.greedy_caption, model, bos_id=start, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
         max_len=run.config.seq_len)))
   return cache
-
-
-def _records(data_cfg, split: str, n: int) -> list[dict]:
-  source = sources.make_source(data_cfg, split)
-  if source is None or n <= 0:
-    return []
-  return [source[i] for i in range(min(n, len(source)))]
-
-
-def _batches(records, batch: int):
-  """Fixed-size chunks (the last padded with copies of its first record) and real counts."""
-  for start in range(0, len(records), batch):
-    real = records[start:start + batch]
-    yield real + [real[0]] * (batch - len(real)), len(real)
 
 
 def _decode(tokenizer, ids) -> str:
@@ -91,26 +62,31 @@ def _decode(tokenizer, ids) -> str:
   return tokenizer.decode([i for i in ids if i != tokenizer.pad_id])
 
 
-def task_metrics(run, variables, config, tokenizer) -> dict:
+def _global(run, full: dict) -> dict:
+  """A batch every process builds whole (eval chunks are the same on each process), as
+  global arrays of the objective's fields split over the batch axis."""
+  return {k: sharding.from_full(full[k], run.mesh, run.rules) for k in run.objective.batch_fields}
+
+
+def task_metrics(run, variables, tokenizer) -> dict:
   """mAP, mask IoU and caption metrics of the heads on held-out images (see module doc)."""
+  config = run.config
   v, data = config.visft, config.data
-  records = _records(data, "eval", v.eval_examples)
+  records = catalog.records(data, "eval", v.eval_examples)
   if not records:
     return {}
-  run.__dict__["_visft_tokenizer"] = tokenizer
-  fns = _fns(run)
+  fns = _fns(run, tokenizer)
   cfg = run.model_cfg
   make = run.objective.example_fn(config, tokenizer)
   size = data.image_size
   dets, gts, cap_scores, exact = [], [], [], []
   iou_sum, iou_count = 0.0, 0
-  batch = config.eval_batch_size
-  for chunk, n_real in _batches(records, batch):
+  for chunk, n_real in pipeline.fixed_chunks(records, config.eval_batch_size):
     examples = [make(r) for r in chunk]
     local = {k: np.stack([e[k] for e in examples]) for k in run.objective.batch_fields}
     gb = _global(run, local)
     if cfg.detection is not None:
-      out = {k: _host(x)[:n_real] for k, x in fns["forward"](variables, gb).items()}
+      out = {k: sharding.to_host(x)[:n_real] for k, x in fns["forward"](variables, gb).items()}
       dets += det_eval.detections_from_outputs(out["logits"], out["boxes"], (size, size))
       tgt = local["tgt_valid"][:n_real] > 0
       xyxy = det.box_cxcywh_to_xyxy(local["tgt_boxes"][:n_real]) * size
@@ -119,7 +95,7 @@ def task_metrics(run, variables, config, tokenizer) -> dict:
         m = det_eval.matched_mask_iou(out["masks"], local["tgt_masks"][:n_real], out["tgt_idx"], out["matched"])
         iou_sum, iou_count = iou_sum + m["iou_sum"], iou_count + m["count"]
     if cfg.caption is not None:
-      ids = _host(fns["caption"](variables, gb["images"]))[:n_real]
+      ids = sharding.to_host(fns["caption"](variables, gb["images"]))[:n_real]
       for r, row in zip(chunk[:n_real], ids):
         text = _decode(tokenizer, row)
         exact.append(float(text.strip() == r.get("caption", "").strip()))
@@ -139,42 +115,17 @@ def task_metrics(run, variables, config, tokenizer) -> dict:
   return out
 
 
-def _global(run, local: dict) -> dict:
-  """Places a batch that every process holds whole (eval chunks are built identically on
-  each process) as global arrays: each process contributes its rows p, p+P, ..."""
-  p, n = jax.process_index(), jax.process_count()
-  return run.global_batch({k: x[p::n] for k, x in local.items()})
-
-
-def tower_features(run, variables, images: np.ndarray, batch: int) -> np.ndarray:
-  """[N, D] mean patch-token features of the tower for float images [N, S, S, 3]."""
-  fns = _fns(run)
-  out = []
-  for start in range(0, len(images), batch):
-    real = images[start:start + batch]
-    chunk = np.concatenate([real, np.repeat(real[:1], batch - len(real), axis=0)]) if len(real) < batch else real
-    p, n = jax.process_index(), jax.process_count()
-    x = jax.make_array_from_process_local_data(
-        run.batch_sharding if chunk.ndim == 2 else _image_sharding(run), chunk[p::n])
-    out.append(_host(fns["features"](variables, x))[:len(real)])
-  return np.concatenate(out)
-
-
-def _image_sharding(run):
-  from mmjax import sharding
-  return sharding.batch_sharding(run.mesh, run.rules, 4)
-
-
-def probe_metrics(run, variables, config) -> dict:
+def probe_metrics(run, variables) -> dict:
   """Count classification and image-to-text retrieval probes on frozen tower features."""
+  config = run.config
   v, data = config.visft, config.data
-  train = _records(data, "train", v.probe_train_examples)
-  test = _records(data, "eval", v.probe_eval_examples)
+  train = catalog.records(data, "train", v.probe_train_examples)
+  test = catalog.records(data, "eval", v.probe_eval_examples)
   if not train or not test:
     return {}
   load = lambda recs: np.stack([pipeline.load_image(r["image"], data.image_size) for r in recs])
-  xtr = tower_features(run, variables, load(train), config.eval_batch_size)
-  xte = tower_features(run, variables, load(test), config.eval_batch_size)
+  xtr = features.tower_features(run, variables, load(train), config.eval_batch_size)
+  xte = features.tower_features(run, variables, load(test), config.eval_batch_size)
   count = lambda recs: np.asarray([len(r["classes"]) for r in recs])
   out = {"probe_count_acc": probes.classification_probe(
       xtr, count(train), xte, count(test), num_classes=data.max_objects + 1, l2=v.probe_ridge)}
@@ -185,7 +136,7 @@ def probe_metrics(run, variables, config) -> dict:
   return out
 
 
-def extra_eval(run, variables, config, tokenizer) -> dict:
-  out = task_metrics(run, variables, config, tokenizer)
-  out.update(probe_metrics(run, variables, config))
+def extra_eval(run, variables, tokenizer) -> dict:
+  out = task_metrics(run, variables, tokenizer)
+  out.update(probe_metrics(run, variables))
   return out

@@ -352,6 +352,10 @@ class VisionTaskModel(nn.Module):
     tokens = self.vision(images, deterministic)["tokens"]
     return tokens[:, 1:] if self.cfg.vision.class_token else tokens
 
+  def mean_features(self, images):
+    """[N, H, W, C] -> the mean of the patch tokens: float32 [N, Dv] (out-of-domain probes)."""
+    return jnp.mean(self.encode(images).astype(jnp.float32), axis=1)
+
   def __call__(self, images, text=None, deterministic=True):
     tokens = self.encode(images, deterministic)
     if text is None and self.cfg.caption is not None and self.is_initializing():

@@ -167,6 +167,16 @@ class VLM(nn.Module):
       f = f[:, 1:]
     return f
 
+  def mean_features(self, pixels):
+    """Images [N, H, W, C] or frames [N, T, H, W, C] -> the mean of their tower features over
+    tokens (and frames): float32 [N, D_vision] (selection embeddings, probes)."""
+    if pixels.ndim == 5:
+      n, t = pixels.shape[:2]
+      f = self.frame_features(pixels.reshape(n * t, *pixels.shape[2:])).reshape(n, -1, self.cfg.vision.d_model)
+    else:
+      f = self.frame_features(pixels)
+    return jnp.mean(f.astype(jnp.float32), axis=1)
+
   def encode_images(self, images, deterministic=True):
     """[B, (M,) H, W, C] -> projected [B, M * tokens_per_frame, D]."""
     if images.ndim == 4:

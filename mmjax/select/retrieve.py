@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.files import atomic_write
 from mmjax.select.gaps import order_skills
 
 
@@ -225,22 +226,16 @@ def select_random(n_pool: int, budget: int, seed: int = 0) -> np.ndarray:
 
 
 def write_selection(path: str, indices, meta: dict | None = None) -> None:
-  """Writes {"indices": [...], "meta": meta} as JSON, atomically: a temporary file in the
-  same directory, then os.replace, so a reader sees the old file or the whole new one and
-  an interrupted recipe resumes with the same selection."""
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes {"indices": [...], "meta": meta} as JSON atomically (`mmjax.files.atomic_write`),
+  so a reader sees the old file or the whole new one and an interrupted recipe resumes with
+  the same selection."""
+  atomic_write(os.fspath(path), selection_json(indices, meta))
+
+
+def selection_json(indices, meta: dict | None = None) -> str:
+  """The text of a selection file (what `write_selection` writes)."""
   payload = {"indices": [int(i) for i in np.asarray(indices).reshape(-1)], "meta": meta or {}}
-  tmp = f"{path}.tmp.{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(payload, f, indent=1, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  return json.dumps(payload, indent=1, sort_keys=True)
 
 
 def read_selection(path: str) -> tuple[np.ndarray, dict]:

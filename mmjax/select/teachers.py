@@ -62,7 +62,7 @@ def _caption_units(match: dict, kind: str) -> dict[str, float]:
   fields = _IMAGE_FIELDS if kind == "image" else _VIDEO_FIELDS
   for p in match["invented"]:  # one attribute off: the same greedy pairing as caption_metrics
     for t in missed:
-      skill = captions._one_off(p, t, fields)
+      skill = captions.one_off(p, t, fields)
       if skill:
         units[skill] += 1
         missed.remove(t)

@@ -25,7 +25,10 @@ import json
 import re
 
 import ml_collections
+from flax import traverse_util
 
+from mmjax.config.core import ConfigError, derive
+from mmjax.data import catalog
 from mmjax.train import state as state_lib
 
 GROUP_KEYS = ("trainable", "data")
@@ -33,6 +36,16 @@ GROUP_KEYS = ("trainable", "data")
 
 class GroupError(ValueError):
   """A bad group or schedule setting (one line)."""
+
+
+def config_dict() -> dict:
+  return dict(
+      # groups.NAME = dict(trainable=(regexes,), data=dict(data overrides)); each step trains one
+      # group's leaves on its own data (see mmjax/train/groups.py)
+      groups=ml_collections.ConfigDict(),
+      group_schedule="",  # 'NAME' or 'NAME:K' items, cycled; '' = each group once per cycle
+      joint=False,  # every step trains all groups' leaves (the joint baseline, same data schedule)
+  )
 
 
 def names(config) -> tuple[str, ...]:
@@ -92,29 +105,41 @@ def trainable_patterns(config) -> tuple[str, ...]:
 
 def data_config(config, name: str) -> ml_collections.ConfigDict:
   """config.data with group `name`'s data overrides."""
-  data = ml_collections.ConfigDict(config.data.to_dict())
-  for key, value in config.groups[name].get("data", {}).items():
-    data[key] = value
-  return data
+  return derive(config.data, config.groups[name].get("data", {}))
+
+
+def data_configs(config) -> dict:
+  """{group: its data config} of a directed stage, else {'': config.data} (the one group)."""
+  return {n: data_config(config, n) for n in names(config)} or {"": config.data}
 
 
 def group_config(config, name: str) -> ml_collections.ConfigDict:
   """The run config as group `name` sees it: its data and its trainable regexes."""
-  out = ml_collections.ConfigDict(config.to_dict())
-  out.data = data_config(config, name)
-  out.trainable = tuple(config.groups[name].trainable)
-  out.groups = ml_collections.ConfigDict()
-  return out
+  return derive(config, data=data_config(config, name), trainable=tuple(config.groups[name].trainable),
+                groups=ml_collections.ConfigDict())
 
 
 def update_mask(trainable_tree, patterns) -> dict:
   """A tree like `trainable_tree` of bools: True on the leaves the regexes match."""
-  from flax import traverse_util
   flat = traverse_util.flatten_dict(trainable_tree, sep="/")
   return traverse_util.unflatten_dict({p: state_lib.is_trainable(p, patterns) for p in flat}, sep="/")
 
 
-def validate(config, known_data_keys) -> None:
+def validate(config, env) -> None:
+  """The groups keys of a run config, and each group's data as data in its own right;
+  raises `ConfigError` (one line)."""
+  try:
+    check(config, set(catalog.default_data_config().keys()))
+  except GroupError as e:
+    raise ConfigError(str(e)) from None
+  for name in names(config):
+    try:
+      (catalog.validate_data_config if env.files else catalog.check_values)(data_config(config, name))
+    except ValueError as e:
+      raise ConfigError(f"config.groups.{name}: {e}") from None
+
+
+def check(config, known_data_keys) -> None:
   """Raises GroupError (one line) for a malformed group or schedule."""
   if not config.groups:
     if config.joint or config.group_schedule:

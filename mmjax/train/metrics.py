@@ -1,4 +1,5 @@
-"""Run metrics: analytic FLOPs, MFU, and writers for JSON lines, TensorBoard and the terminal."""
+"""Run metrics: the per-device peak table for MFU, and writers for JSON lines, TensorBoard and the
+terminal (analytic FLOPs are in `mmjax.train.flops`)."""
 from __future__ import annotations
 
 import json
@@ -29,27 +30,6 @@ def peak_tflops(device_kind: str, dtype: str, override: float = 0.0) -> float | 
     if kind.lower() in device_kind.lower() and dt == dtype:
       return value
   return None
-
-
-def train_flops_per_token(model_cfg, seq_len: int, kernels: dict, trainable_kernels: set,
-                          lora_shapes: dict) -> float:
-  """Analytic FLOPs of one training step per token.
-
-  kernels: path -> (d_in, d_out) of every matmul weight (embedding lookups excluded; a
-  tied head counts once as a matmul). Forward 2*in*out; backward activation gradient
-  2*in*out; weight gradient 2*in*out only for trained kernels (frozen weights need none).
-  LoRA adds 6*r*(in+out) per adapted kernel. Causal attention: QK^T and AV, forward
-  2*2*(T/2)*N*H per layer and twice that backward.
-  """
-  total = 0.0
-  for path, (d_in, d_out) in kernels.items():
-    mm = 2.0 * d_in * d_out
-    total += mm * (2 + (path in trainable_kernels))
-  for _, (d_in, d_out, r) in lora_shapes.items():
-    total += 6.0 * r * (d_in + d_out)
-  attn_fwd = 2 * 2 * (seq_len / 2) * model_cfg.n_heads * model_cfg.head_dim
-  total += 3 * attn_fwd * model_cfg.n_layers
-  return total
 
 
 class MetricsWriter:

@@ -5,7 +5,8 @@ import json
 import os
 
 
-def _rows(path):
+def read_rows(path) -> list[dict]:
+  """The rows of a metrics.jsonl file, one per (split, step), sorted by step ([] if absent)."""
   if not os.path.exists(path):
     return []
   rows = {}
@@ -26,7 +27,7 @@ def loss_curves(workdir: str, stages: list[tuple[str, str]], out: str = "loss_cu
   offset = 0
   values = []
   for i, (name, sdir) in enumerate(stages):
-    rows = _rows(os.path.join(sdir, "metrics.jsonl"))
+    rows = read_rows(os.path.join(sdir, "metrics.jsonl"))
     train = [r for r in rows if r["split"] == "train" and r.get("loss") is not None]
     evals = [r for r in rows if r["split"] == "eval" and r.get("loss") is not None]
     values += [r["loss"] for r in train + evals]

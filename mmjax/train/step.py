@@ -70,9 +70,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective, tx,
   metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["normaliser"] = norm
   metrics["tokens"] = objective.tokens(batch)
-  aux = state.aux
-  if hasattr(objective, "update_aux"):  # e.g. DPO's reference copy, refreshed or averaged
-    aux = objective.update_aux(aux, merge_trees(trainable, state.frozen), state.step + 1)
+  aux = objective.update_aux(state.aux, merge_trees(trainable, state.frozen), state.step + 1)  # e.g. DPO's reference
   new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, aux=aux)
   return new_state, metrics
 

@@ -1,4 +1,4 @@
-"""Error-driven data selection as a stage of a recipe (`config.select`).
+"""Error-driven data selection as a stage kind (`config.select`).
 
 A stage with `select.method` set trains on a selection from a task-agnostic pool (the
 train set of `config.data` with the `select.pool` overrides) instead of `config.data`'s own
@@ -17,32 +17,34 @@ train set; `config.data` stays the stage's eval data (the target task). Before t
   all     the whole pool.
 
 The selection goes to `STAGE_DIR/selection.json` (indices and meta: method, budget, the
-gap profile, the number of errors, the selected records per skill) atomically and once, so
-a restarted stage trains on the same records. The stage then trains through the groups
-mechanism (`mmjax.train.groups`) with one group `pool` (the stage's trainable regexes, the
-pool data with `indices_path` = the selection).
+gap profile, the number of errors, the selected records per skill) atomically and once
+(`mmjax.recipes.kinds`), so a restarted stage trains on the same records. The stage then
+trains through the groups mechanism (`mmjax.train.groups`) with one group `pool` (the
+stage's trainable regexes, the pool data with `indices_path` = the selection).
 """
 from __future__ import annotations
 
 import collections
-import os
+import random
 import time
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmjax.config.core import ConfigError, derive
+from mmjax.data import catalog, pipeline, shapes
+from mmjax.evals import features, generation
+from mmjax.recipes import kinds
 from mmjax.select import gaps, retrieve, teachers
 
 METHODS = ("errors", "random", "all")
 TEACHERS = ("facts", "model")
 
 
-def config_dict() -> ml_collections.ConfigDict:
-  """`config.select`."""
-  return ml_collections.ConfigDict(dict(
-      method="",  # '' = off (train on config.data); 'errors' | 'random' | 'all' (see mmjax/select/recipe.py)
+def config_dict() -> dict:
+  """`config.select`: error-driven data selection from a pool."""
+  return {"select": ml_collections.ConfigDict(dict(
+      method="",  # '' = off (train on config.data); 'errors' | 'random' | 'all' (see mmjax/recipes/select.py)
       budget=1000,  # pool records selected ('errors', 'random')
       val_examples=64,  # held-out target records the student answers ('errors')
       teacher="facts",  # 'facts' (exact atomic-fact analyser) or 'model' (stage teacher_stage's weights)
@@ -50,11 +52,18 @@ def config_dict() -> ml_collections.ConfigDict:
       mix=0.5,  # share of the budget retrieved by embedding similarity; the rest by skill tags
       seed=0,  # random and skill-tag draws
       pool=ml_collections.ConfigDict(dict(task="pool", num_train_examples=10_000)),  # data overrides of the pool
-  ))
+  ))}
 
 
-def validate(config, stage_names=()) -> None:
-  """Raises ValueError (one line) for bad `config.select` values."""
+def validate(config, env) -> None:
+  """Raises ConfigError (one line) for bad `config.select` values."""
+  try:
+    _check(config, env.earlier_stages, env.files)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check(config, stage_names, check_files) -> None:
   s = config.select
   if not s.method:
     return
@@ -76,40 +85,21 @@ def validate(config, stage_names=()) -> None:
   bad = [k for k in s.pool.keys() if k not in config.data]
   if bad:
     raise ValueError(f"config.select.pool.{bad[0]} is not a data key; valid: {', '.join(sorted(config.data.keys()))}")
-  from mmjax.data import pipeline
   try:
-    pipeline.validate_data_config(pool_data(config))
+    (catalog.validate_data_config if check_files else catalog.check_values)(pool_data(config))
   except ValueError as e:
     raise ValueError(f"config.select.pool: {e}") from None
 
 
 def pool_data(config) -> ml_collections.ConfigDict:
   """config.data with the `select.pool` overrides: the pool's train set."""
-  data = ml_collections.ConfigDict(config.data.to_dict())
-  for k, v in config.select.pool.items():
-    data[k] = v
-  data.indices_path = ""
-  return data
-
-
-def _features_fn(run):
-  """jitted (variables, pixels [N, (T,) H, W, C]) -> mean tower tokens [N, D_vision]."""
-  def f(variables, pixels):
-    def feats(module, x):
-      if x.ndim == 5:  # frames: mean over time as well
-        n, t = x.shape[:2]
-        return module.frame_features(x.reshape(n * t, *x.shape[2:])).reshape(n, -1, module.cfg.vision.d_model)
-      return module.frame_features(x)
-    return jnp.mean(run.model.apply(variables, pixels, method=feats).astype(jnp.float32), axis=1)
-  return jax.jit(f)
+  return derive(derive(config.data, config.select.pool), {"indices_path": ""})
 
 
 def embed(run, variables, records, batch: int = 256) -> np.ndarray:
   """The student's embedding of each record: mean vision-tower tokens of its image, or of
-  all its frames (float32 [N, D_vision]); records of one media kind per call batch."""
-  from mmjax.data import pipeline
+  all its frames (float32 [N, D_vision], `mmjax.evals.features`); one media kind per batch."""
   size = run.config.data.image_size
-  fn = _features_fn(run)
   by_kind = collections.defaultdict(list)
   for i, r in enumerate(records):
     by_kind[pipeline.media_kind(r)].append(i)
@@ -118,21 +108,13 @@ def embed(run, variables, records, batch: int = 256) -> np.ndarray:
                      "to embed; use select.mix=0 (skill tags only) for text records")
   out = np.zeros((len(records), run.model_cfg.vision.d_model), np.float32)
   for kind, idx in by_kind.items():
-    for s in range(0, len(idx), batch):
-      chunk = idx[s:s + batch]
-      if kind == "image":
-        px = np.stack([pipeline.load_image(records[i]["image"], size) for i in chunk])
-      else:
-        px = np.stack([np.stack([pipeline.load_image(f, size) for f in records[i]["frames"]]) for i in chunk])
-      pad = batch - len(chunk)  # one compiled shape per kind
-      px = np.concatenate([px, np.repeat(px[-1:], pad, 0)]) if pad else px
-      out[chunk] = np.asarray(fn(variables, jnp.asarray(px)))[:len(chunk)]
+    if kind == "image":
+      px = np.stack([pipeline.load_image(records[i]["image"], size) for i in idx])
+    else:
+      px = np.stack([np.stack([pipeline.load_image(f, size) for f in records[i]["frames"]]) for i in idx])
+    out[idx] = features.tower_features(run, variables, px, batch)
   return out
-
-
 def _model_teacher(run, teacher_variables, student_variables, tokenizer):
-  from mmjax.evals import generation
-
   def answer_fn(variables):
     def fn(pairs):
       recs = [dict({k: v for k, v in r.items() if k in ("image", "frames")}, prompt=q, response="")
@@ -146,8 +128,6 @@ def _model_teacher(run, teacher_variables, student_variables, tokenizer):
 def probe_questions(record: dict) -> list[tuple]:
   """Every kind of shapes question about a failed image (seeded by its index), so the model
   teacher probes all skills, not only those the target task asks; videos: their own `qa`."""
-  import random
-  from mmjax.data import shapes
   facts = record.get("facts") or []
   if not facts or facts[0][0] != "object":
     return teachers.record_questions(record)
@@ -156,16 +136,12 @@ def probe_questions(record: dict) -> list[tuple]:
           for k in shapes.QA_SKILLS]
 
 
-def select_for_stage(config, sdir: str, run, params, tokenizer, finals: dict, log=print) -> str:
-  """Writes (once) and returns `sdir/selection.json` for a stage with `select.method`."""
-  from mmjax.data import pipeline
-  from mmjax.evals import generation
-  path = os.path.join(sdir, "selection.json")
-  if os.path.exists(path):
-    return path
+def selection(config, run, params, tokenizer, finals: dict, log=print) -> str:
+  """The selection file's text (`retrieve.selection_json`) for a stage with `select.method`;
+  `params` is the student (the stage's starting params), `finals` the earlier stages' params."""
   s = config.select
   t0 = time.perf_counter()
-  pool = pipeline.open_source(pool_data(config), "train")
+  pool = catalog.open_source(pool_data(config), "train")
   n_pool = len(pool)
   meta = {"method": s.method, "pool": n_pool}
   if s.method == "all":
@@ -197,21 +173,32 @@ def select_for_stage(config, sdir: str, run, params, tokenizer, finals: dict, lo
     meta.update(errors=len(errors), val_examples=len(val), profile=profile, teacher=s.teacher,
                 selected_per_skill=dict(sorted(per_skill.items())))
   meta["budget"] = len(indices)
-  # Every process computes the same selection; each writes it (atomically, the same bytes), so
-  # the file is there on local disks and a shared one alike.
-  retrieve.write_selection(path, indices, meta)
-  log(f"selection ({s.method}, {time.perf_counter() - t0:.1f}s): {len(indices)} of {n_pool} pool records -> {path}"
+  log(f"selection ({s.method}, {time.perf_counter() - t0:.1f}s): {len(indices)} of {n_pool} pool records"
       + (f"; gap profile {', '.join(f'{k}={v:.2f}' for k, v in meta['profile'].items())}" if "profile" in meta else ""))
-  return path
+  return retrieve.selection_json(indices, meta)
 
 
 def with_selection(config, path: str) -> ml_collections.ConfigDict:
   """The stage config that trains on the selection at `path`: one group `pool`."""
-  out = ml_collections.ConfigDict(config.to_dict())
-  data = pool_data(config).to_dict()
-  data["indices_path"] = path
+  data = derive(pool_data(config), {"indices_path": path}).to_dict()
   base = config.data.to_dict()
-  out.groups = ml_collections.ConfigDict({"pool": dict(
-      trainable=tuple(config.trainable), data={k: v for k, v in data.items() if base.get(k) != v})})
-  out.group_schedule = ""
-  return out
+  group = dict(trainable=tuple(config.trainable), data={k: v for k, v in data.items() if base.get(k) != v})
+  return derive(config, groups=ml_collections.ConfigDict({"pool": group}), group_schedule="")
+
+
+class Selection(kinds.StageKind):
+  name = "selection"
+  file = "selection.json"
+
+  def applies(self, config) -> bool:
+    return bool(config.select.method)
+
+  def configure(self, config, path):
+    return with_selection(config, path)
+
+  def produce(self, ctx) -> str:
+    return selection(ctx.config, ctx.run, ctx.start_variables()["params"], ctx.tokenizer, ctx.finals, log=ctx.log)
+
+
+SELECTION = Selection()
+

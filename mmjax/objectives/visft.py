@@ -1,7 +1,8 @@
 """ViSFT objective: a ViT trained through detection, instance-segmentation and caption heads.
 
-The model is `mmjax.models.heads.VisionTaskModel` (`vision/...` and `heads/...`), so the two
-ViSFT stages are the same objective with different trainable sets (`mmjax.train.stages`):
+The model is the 'visft' family's `mmjax.models.heads.VisionTaskModel` (`vision/...` and
+`heads/...`), so the two ViSFT stages are the same objective with different trainable sets
+(`mmjax.recipes.stages`):
 
   stage 1  trainable=('params/heads/.*',), no LoRA: the heads learn on a frozen tower
   stage 2  lora.targets over vision/..., trainable=('lora/vision/.*',): the tower's adapter
@@ -35,16 +36,22 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from mmjax import detection as det
+from mmjax import boxes as det
 from mmjax import losses
+from mmjax.config.core import ConfigError
+from mmjax.data import pipeline
+from mmjax.evals import visft as visft_eval
+from mmjax.objectives import base
 
+NAME = "visft"
+FAMILIES = ("visft",)
 TARGET_FIELDS = ("tgt_boxes", "tgt_classes", "tgt_valid")
 CAPTION_FIELDS = ("caption_tokens", "caption_targets", "caption_mask")
 
 
-def config_dict() -> ml_collections.ConfigDict:
-  """`config.visft`: the heads on the tower (`model.name='visft'`) and the task weights."""
-  return ml_collections.ConfigDict(dict(
+def config_dict() -> dict:
+  """`config.visft`: the heads on the tower (built by the 'visft' model family) and the task weights."""
+  return {"visft": ml_collections.ConfigDict(dict(
       detection=True,  # DETR-style detection head
       segmentation=True,  # instance masks from the detection queries (needs detection)
       caption=True,  # autoregressive caption decoder (teacher-forced on seq_len tokens)
@@ -67,15 +74,14 @@ def config_dict() -> ml_collections.ConfigDict:
       probe_train_examples=512,  # train images the out-of-domain probes are fitted on (0 = off)
       probe_eval_examples=256,  # held-out images the probes are scored on
       probe_ridge=1e-2,  # L2 strength of the closed-form ridge probes
-  ))
+  ))}
 
 
 SOURCES = ("shapes", "coco")
 
 
-def validate(config) -> None:
+def validate(config, env) -> None:
   """ViSFT keys of a run config; raises `ConfigError` (one line) naming the key and the value."""
-  from mmjax.config_lib import ConfigError
   v, d = config.visft, config.data
   if d.source not in SOURCES:
     raise ConfigError(f"config.data.source={d.source!r} is not valid for objective 'visft'; choose one of "
@@ -114,38 +120,6 @@ def validate(config) -> None:
       raise ConfigError("config.data.train_split='' : data.source='coco' needs a split such as 'train2017'")
 
 
-def data_num_classes(data_cfg) -> int:
-  """Object classes of the data source: shapes' shape names or the COCO categories."""
-  if data_cfg.source == "coco":
-    from mmjax.data import coco
-    return len(coco.CocoSource(data_cfg.coco_root, data_cfg.train_split, data_cfg.image_size,
-                               data_cfg.max_objects).class_names)
-  from mmjax.data import shapes
-  return shapes.ShapesConfig().num_classes
-
-
-def task_config(config, tokenizer):
-  """`VisionTaskConfig` from the run config (vision tower from `config.vision` or from the
-  Hugging Face directory `config.init_vision_from_hf`; classes from `visft.num_classes` or,
-  when it is -1, from the data source)."""
-  from mmjax import config_lib
-  from mmjax.models import heads
-  v = config.visft
-  common = dict(d_model=v.d_model, n_layers=v.n_layers, n_heads=v.n_heads, head_dim=v.head_dim,
-                mlp_dim=v.mlp_dim, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                lora_alpha=config.lora.alpha, lora_rslora=config.lora.rslora, lora_dropout=config.lora.dropout)
-  n_cls = v.num_classes if v.num_classes > 0 else data_num_classes(config.data)
-  return heads.VisionTaskConfig(
-      vision=config_lib.vit_config(config),
-      detection=heads.DetectionConfig(**common, num_classes=n_cls, num_queries=v.num_queries) if v.detection else None,
-      segmentation=heads.SegmentationConfig(
-          mask_dim=v.mask_dim, upsample=v.mask_upsample, dtype=config.model.dtype,
-          param_dtype=config.model.param_dtype, lora_alpha=config.lora.alpha, lora_rslora=config.lora.rslora,
-          lora_dropout=config.lora.dropout) if v.segmentation else None,
-      caption=heads.CaptionConfig(**common, vocab_size=tokenizer.vocab_size, max_len=config.seq_len)
-      if v.caption else None)
-
-
 def mask_size(cfg, image_size: int) -> int:
   """Side of the segmentation head's masks for `image_size` images."""
   return (image_size // cfg.vision.patch_size) * cfg.segmentation.upsample
@@ -155,7 +129,6 @@ def example_fn(cfg, *, tokenizer, seq_len: int, image_size: int, max_objects: in
   """record -> dict of numpy arrays (the batch fields above without the batch axis). Records
   are shapes image examples or `mmjax.data.coco.CocoSource` items (`image`, `boxes` pixel
   xyxy, `classes`, `masks`, `caption`)."""
-  from mmjax.data import pipeline
   hw = mask_size(cfg, image_size) if cfg.segmentation is not None else 0
 
   def fn(record):
@@ -206,8 +179,7 @@ def blank(example: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViSFT:
-  model: nn.Module
+class ViSFT(base.Objective):
   w_detection: float = 1.0
   w_segmentation: float = 1.0
   w_caption: float = 1.0
@@ -223,7 +195,7 @@ class ViSFT:
   @classmethod
   def from_config(cls, config, model, media=()):
     v = config.visft
-    keys = [f.name for f in dataclasses.fields(cls) if f.name != "model"]
+    keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("model", "media")]
     return cls(model, **{k: float(v[k]) for k in keys})
 
   @property
@@ -240,17 +212,17 @@ class ViSFT:
     return out
 
   def example_fn(self, config, tokenizer):
+    """record -> batch arrays (see `example_fn` above)."""
     d = config.data
     return example_fn(self.cfg, tokenizer=tokenizer, seq_len=config.seq_len, image_size=d.image_size,
                       max_objects=d.max_objects)
 
-  def data_fns(self, config, tokenizer) -> dict:
-    """How the loop's data pipeline turns records into this objective's batches."""
+  def example_fns(self, config, tokenizer) -> dict:
     return {"example_fn": self.example_fn(config, tokenizer), "blank": blank}
 
-  def extra_eval(self, run, variables, config, tokenizer) -> dict:
-    from mmjax.evals import visft as visft_eval
-    return visft_eval.extra_eval(run, variables, config, tokenizer)
+  def extra_eval(self, run, variables, tokenizer) -> dict:
+    """In-domain task metrics of the heads and out-of-domain probes of the tower."""
+    return visft_eval.extra_eval(run, variables, tokenizer)
 
   def init_args(self, config):
     """Dummy inputs for `model.init` (one image and a caption row)."""
@@ -282,12 +254,12 @@ class ViSFT:
       idx, matched = self.match(out, batch)
       valid = batch["tgt_valid"] > 0
       d = out["detection"]
-      dl = det.detr_loss(d["logits"], d["boxes"], batch["tgt_classes"], batch["tgt_boxes"], valid, idx, matched,
+      dl = losses.detr_loss(d["logits"], d["boxes"], batch["tgt_classes"], batch["tgt_boxes"], valid, idx, matched,
                          eos_coef=self.eos_coef, w_l1=self.w_l1, w_giou=self.w_giou)
       total += self.w_detection * dl["loss"]
       sums.update({f"det_{k}": dl[k] * n for k in ("loss", "loss_ce", "loss_l1", "loss_giou", "class_accuracy")})
       if self.cfg.segmentation is not None:
-        ml = det.mask_loss(out["masks"], batch["tgt_masks"], valid, idx, matched, w_dice=self.w_dice,
+        ml = losses.mask_loss(out["masks"], batch["tgt_masks"], valid, idx, matched, w_dice=self.w_dice,
                            w_ce=self.w_mask_ce, num_targets=dl["num_targets"])
         total += self.w_segmentation * ml["loss"]
         sums.update({f"seg_{k}": ml[k] * n for k in ("loss", "loss_dice", "loss_mask_ce")})
@@ -315,3 +287,6 @@ def _batch_mesh():
   if axes is None:
     return None, None
   return mesh, axes
+
+
+OBJECTIVE = ViSFT

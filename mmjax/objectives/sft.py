@@ -1,24 +1,26 @@
-"""SFT objective: next-token cross-entropy on the tokens selected by `loss_mask`.
-
-An objective is a small object with `loss(variables, batch, rng, train)` returning
-`(loss_sum, normaliser, metric_sums)`: the train step divides by the normaliser summed
-over the whole accumulated batch, and reports metric sums divided the same way.
-"""
+"""SFT objective: next-token cross-entropy on the tokens selected by `loss_mask`."""
 from __future__ import annotations
 
 import dataclasses
 
-from flax import linen as nn
-
 from mmjax import losses
+from mmjax.objectives import base
 
+NAME = "sft"
+FAMILIES = ("llama", "vlm")
 BATCH_FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
+def config_dict() -> dict:
+  return {}  # SFT needs nothing beyond the run keys
+
+
+def validate(config, env) -> None:
+  """Nothing beyond the run keys."""
+
+
 @dataclasses.dataclass(frozen=True)
-class SFT:
-  model: nn.Module
-  media: tuple = ()  # pixel fields passed to a VLM: ('images',) or ('frames',)
+class SFT(base.Objective):
 
   @property
   def batch_fields(self):
@@ -33,6 +35,5 @@ class SFT:
     loss_sum, count, correct = losses.cross_entropy_and_accuracy(logits, batch["targets"], batch["loss_mask"])
     return loss_sum, count, {"loss": loss_sum, "accuracy": correct}
 
-  def tokens(self, batch):
-    """Tokens processed (for throughput): non-padding positions."""
-    return (batch["segment_ids"] != 0).sum()
+
+OBJECTIVE = SFT

@@ -1,0 +1,37 @@
+"""Scorers of generated answers for online preference pairs: fn(record, answer) -> float,
+lower is better (`config.dpo.scorer` names one)."""
+from __future__ import annotations
+
+from mmjax.evals import captions
+
+
+def shapes_caption_score(record: dict, answer: str) -> float:
+  """missing + hallucination + repetition of a shapes caption against its atomic facts."""
+  kind = "video" if record.get("kind") == "video_caption" else "image"
+  m = captions.caption_metrics(answer, record["facts"], kind)
+  return float(m["missing"] + m["hallucination"] + m["repetition"])
+
+
+def exact_match_score(record: dict, answer: str) -> float:
+  """0 when the answer equals the reference response, else 1."""
+  return float(answer.strip() != record["response"].strip())
+
+
+def edit_distance_score(record: dict, answer: str) -> float:
+  """Levenshtein distance between the answer and the reference response, in characters,
+  divided by the reference length (for text tasks such as the generated ones)."""
+  a, b = answer.strip(), record["response"].strip()
+  prev = list(range(len(b) + 1))
+  for i, ca in enumerate(a, 1):
+    cur = [i]
+    for j, cb in enumerate(b, 1):
+      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+    prev = cur
+  return prev[-1] / max(len(b), 1)
+
+
+SCORERS = {  # name -> fn(record, answer) -> float, lower is better
+    "shapes_caption": shapes_caption_score,
+    "exact_match": exact_match_score,
+    "edit_distance": edit_distance_score,
+}

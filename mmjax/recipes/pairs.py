@@ -1,0 +1,161 @@
+"""Stage kinds of preference recipes: online DPO pairs and rebirth data.
+
+`OnlinePairs` (a DPO stage with `dpo.online`, or with `dpo.reference='precomputed'`): at the
+start of the stage (a DPO round), the stage's starting policy samples `dpo.num_candidates`
+answers to `dpo.num_prompts` train prompts (a function of the seed and the stage name, so
+each round draws its own); a scorer (`mmjax.evals.scorers`) ranks them, and best (chosen) vs
+worst (rejected) per prompt become a pair (ties and empty answers skipped) with the
+record's ground truth. With the 'precomputed' reference, each pair also gets the reference
+(the starting policy without its adapter) log-probs of both responses. The pairs go to
+STAGE_DIR/pairs.jsonl once; the DPO objective trains on them.
+
+`Rebirth` (a stage with `distill_from_stage`): the final params of that earlier stage answer
+`distill_examples` train prompts greedily, written once to STAGE_DIR/distill.jsonl as
+{"index", "response"} records; the stage trains on those records with these responses
+(`data.responses_path`): SFT of its starting weights on a later model's own outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import zlib
+
+import jax
+import numpy as np
+
+from mmjax.config.core import ConfigError, derive
+from mmjax.data import catalog, pipeline
+from mmjax.data import pairs as pairs_lib
+from mmjax.evals import generation, scorers
+from mmjax.files import jsonl
+from mmjax.objectives import dpo
+from mmjax.recipes import kinds
+
+
+class AllTiesError(ValueError):
+  """Every prompt of an online round gave candidates with equal scores: no pairs to train on."""
+
+
+def prompt_indices(n_source: int, n: int, seed: int, label: str) -> list[int]:
+  """`n` distinct train indices, a function of the seed and the stage name (each round its own)."""
+  rng = np.random.default_rng([int(seed) % 2**32, zlib.crc32(label.encode())])
+  return sorted(int(i) for i in rng.choice(n_source, size=min(n, n_source), replace=False))
+
+
+def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
+  """Samples `dpo.num_candidates` answers per prompt from `variables`, scores them and keeps
+  best (chosen) vs worst (rejected) per prompt, skipping ties (and empty answers). Raises
+  AllTiesError when no prompt gives a pair."""
+  d = config.dpo
+  score = scorers.SCORERS[d.scorer]
+  source = catalog.make_source(config.data, "train")
+  idx = prompt_indices(len(source), d.num_prompts, config.seed, label)
+  records = [source[i] for i in idx]
+  rng = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(label.encode()))
+  cands = [generation.generate_answers(run, variables, records, tokenizer, max_new_tokens=d.max_new_tokens,
+                                       batch=config.eval_batch_size, temperature=d.temperature, top_k=d.top_k,
+                                       rng=jax.random.fold_in(rng, k)) for k in range(d.num_candidates)]
+  pairs = []
+  for j, (i, r) in enumerate(zip(idx, records)):
+    answers = [c[j] for c in cands]
+    scores = [score(r, a) for a in answers]
+    ok = [k for k, a in enumerate(answers) if a.strip()]  # empty answers make no training row
+    if len(ok) < 2:
+      continue
+    best = min(ok, key=lambda k: scores[k])
+    worst = max(ok, key=lambda k: scores[k])
+    if scores[best] == scores[worst] or answers[best] == answers[worst]:
+      continue
+    pairs.append({"id": f"{label}/{i}", "index": i, "prompt": r["prompt"], "chosen": answers[best],
+                  "rejected": answers[worst], "ground_truth": r["response"],
+                  "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores}})
+  if not pairs:
+    raise AllTiesError(
+        f"stage {label!r}: all {len(records)} prompts gave {d.num_candidates} candidates with equal "
+        f"{d.scorer} scores (or empty answers), so there are no pairs to train on; raise config.dpo.temperature, "
+        f"config.dpo.num_candidates or config.dpo.num_prompts")
+  return pairs
+
+
+def precompute_reference(run, variables, pairs, tokenizer, batch: int) -> list[dict]:
+  """`pairs` with `ref_chosen_logps` / `ref_rejected_logps` of `variables` (computed once)."""
+  objective = dataclasses.replace(run.objective, gt_weight=0.0, reference="adapter_base")
+  source = pairs_lib.PairsSource(pairs, media_source=pairs_lib.media_source(run.config))
+  fn = jax.jit(lambda v, b: objective.sequence_logps(v, b))
+  out = []
+  for rows, n_real in pipeline.fixed_chunks([source[i] for i in range(len(pairs))], batch):
+    ex = [pairs_lib.tokenize_pair(r, tokenizer=tokenizer, seq_len=run.config.seq_len,
+                                  visual_tokens=run.visual_tokens, image_size=run.config.data.image_size)
+          for r in rows]
+    b = {k: np.stack([e[k] for e in ex]) for k in ex[0] if not k.startswith("gt_")}
+    rc, rr = jax.device_get(fn(variables, b))
+    for j in range(n_real):
+      out.append(dict(pairs[len(out)], ref_chosen_logps=float(rc[j]), ref_rejected_logps=float(rr[j])))
+  return out
+
+
+class OnlinePairs(kinds.StageKind):
+  name = "pairs"
+  file = "pairs.jsonl"
+
+  def applies(self, config) -> bool:
+    return config.objective == dpo.NAME and (config.dpo.online or config.dpo.reference == "precomputed")
+
+  def produce(self, ctx) -> str:
+    c, run = ctx.config, ctx.run
+    t0 = time.perf_counter()
+    variables = ctx.start_variables()
+    if c.dpo.online:
+      pairs = online_pairs(c, run, variables, ctx.tokenizer, ctx.name or "main")
+    else:
+      pairs = pairs_lib.read_pairs(c.data.train_path)
+    pairs_lib.check_pairs(pairs, ctx.tokenizer, c.seq_len, run.visual_tokens, where=os.path.join(ctx.sdir, self.file),
+                          media=pairs_lib.media_source(c))
+    if c.dpo.reference == "precomputed" and not all(all(k in p for k in dpo.REF_FIELDS) for p in pairs):
+      pairs = precompute_reference(run, {"params": variables["params"]}, pairs, ctx.tokenizer, c.eval_batch_size)
+    ctx.log(f"{len(pairs)} pairs in {os.path.join(ctx.sdir, self.file)} ({time.perf_counter() - t0:.1f}s)")
+    return jsonl(pairs)
+
+
+def rebirth_config_dict() -> dict:
+  return dict(
+      distill_from_stage="",  # rebirth: SFT on this earlier stage's own greedy answers (generated once)
+      distill_examples=256,  # train prompts answered for distill_from_stage
+  )
+
+
+class Rebirth(kinds.StageKind):
+  name = "distill"
+  file = "distill.jsonl"
+
+  def applies(self, config) -> bool:
+    return bool(config.distill_from_stage)
+
+  def configure(self, config, path):
+    return derive(config, {"data.responses_path": path})
+
+  def produce(self, ctx) -> str:
+    c = ctx.config
+    source = catalog.make_source(c.data, "train")
+    idx = list(range(min(c.distill_examples, len(source))))
+    answers = generation.generate_answers(ctx.run, {"params": ctx.finals[c.distill_from_stage]},
+                                          [source[i] for i in idx], ctx.tokenizer,
+                                          max_new_tokens=c.sample_eval.max_new_tokens, batch=c.eval_batch_size)
+    return jsonl({"index": i, "response": a} for i, a in zip(idx, answers))
+
+
+def config_dict() -> dict:
+  return rebirth_config_dict()
+
+
+def validate(config, env) -> None:
+  if config.distill_from_stage and config.distill_from_stage not in env.earlier_stages:
+    raise ConfigError(f"config.distill_from_stage={config.distill_from_stage!r} names no earlier stage; "
+                      f"earlier stages: {', '.join(env.earlier_stages) or 'none'}")
+  if config.distill_from_stage and not config.distill_examples > 0:
+    raise ConfigError(f"config.distill_examples={config.distill_examples!r} must be > 0")
+
+
+ONLINE_PAIRS = OnlinePairs()
+REBIRTH = Rebirth()

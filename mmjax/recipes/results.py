@@ -1,0 +1,64 @@
+"""A finished recipe's results: the table of every stage's held-out metrics (printed and
+written to WORKDIR/results.txt), WORKDIR/results.json and the loss curves."""
+from __future__ import annotations
+
+import json
+import os
+
+from mmjax.files import atomic_write
+from mmjax.train import plots
+
+
+def first_step(sdir: str) -> dict:
+  """The step-1 train metrics of a stage (from its metrics.jsonl), or {}."""
+  rows = plots.read_rows(os.path.join(sdir, "metrics.jsonl"))
+  return next((r for r in rows if r["split"] == "train" and r["step"] == 1), {})
+
+
+def _agree(a: dict, b: dict) -> bool:
+  """Two metric dicts share keys and agree on all of them (a DPO round scores fewer keys)."""
+  common = set(a) & set(b)
+  return bool(common) and all(a[k] == b[k] for k in common)
+
+
+def table(results: dict) -> str:
+  """Each stage's eval after training; a `NAME @start` row before a stage whose starting
+  metrics are in no row above (a new eval task, e.g. the base model a comparison starts from)."""
+  keys = []
+  for r in results.values():
+    for k in (r.get("eval_after") or {}):
+      if k not in keys:
+        keys.append(k)
+  w = max([14] + [len(k) + 2 for k in keys])
+  first = any("first_dpo_loss" in r for r in results.values())
+  rows = [f"{'stage':<16}" + "".join(f"{k:>{w}}" for k in keys) + (f"{'first_dpo_loss':>{w}}" if first else "")]
+  row = lambda label, ev, extra="": rows.append(f"{label:<16}" + "".join(f"{ev.get(k, float('nan')):>{w}.4f}"
+                                                                       for k in keys) + extra)
+  shown = []
+  for name, r in results.items():
+    before = r.get("eval_before") or {}
+    if shown and before and not any(_agree(before, x) for x in shown):  # a new eval task or starting point
+      row(f"{name} @start", before, f"{'':>{w}}" if first else "")
+      shown.append(before)
+    ev = r.get("eval_after") or {}
+    row(name, ev, f"{r.get('first_dpo_loss', float('nan')):>{w}.4f}" if first else "")
+    shown.append(ev)
+  return "\n".join(rows)
+
+
+def write(workdir: str, results: dict, stage_dirs: list[tuple[str, str]], recipe: bool) -> None:
+  """Loss curves for every stage; for a recipe also the table (printed, results.txt) and
+  results.json. A DPO round's first-step loss (log 2 for sigmoid: policy = reference) joins
+  the table."""
+  png = plots.loss_curves(workdir, stage_dirs)
+  if recipe:
+    for n, sdir in stage_dirs:
+      first = first_step(sdir)
+      if "dpo_loss" in first and isinstance(results[n], dict):
+        results[n]["first_dpo_loss"] = first["dpo_loss"]
+    text = table(results)
+    print(text, flush=True)
+    atomic_write(os.path.join(workdir, "results.txt"), text + "\n")  # the table as printed
+    summary = {n: {k: r.get(k) for k in ("eval_before", "eval_after", "first_dpo_loss")} for n, r in results.items()}
+    atomic_write(os.path.join(workdir, "results.json"), json.dumps(summary, indent=1))
+  print(f"loss curves: {png}", flush=True)

@@ -1,0 +1,109 @@
+"""Recipes as stage lists: each stage is a run of the one loop with its own overrides.
+
+`config.stage_order` names the stages; `config.stages.NAME` holds the keys that stage
+changes (objective, data, steps, trainable, lora, optimizer, ...). A stage starts from
+the previous stage's result — its params with its adapter merged in — or from the stage
+named in its `init_from_stage`; the first stage starts from the model family's Hugging Face
+import (`init_from_hf`, `init_vision_from_hf`) or a seeded random init. Before it trains, a
+stage prepares the data files its kinds ask for (online DPO pairs, rebirth answers, a data
+selection: `mmjax.recipes.kinds`). Stage NAME works in `WORKDIR/stages/NAME/`; when it
+finishes it writes its merged params to `final/` and its eval metrics to `done.json`, so a
+restarted recipe skips finished stages and resumes the current one at its last checkpoint.
+A finished recipe prints a table of every stage's held-out metrics and writes it to
+`results.txt`, the metrics to `results.json` and the loss curves to `loss_curves.png`
+(`mmjax.recipes.results`); the last stage's model is exported by its family.
+
+With no stages, the config itself is the only stage and works in WORKDIR.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from mmjax import sharding
+from mmjax.config.core import ConfigError, stage_config
+from mmjax.data.tokenizer import load_tokenizer
+from mmjax.files import atomic_write
+from mmjax.recipes import kinds, registry, results as results_lib
+from mmjax.train import loop
+from mmjax.train import run as run_lib
+
+
+def config_dict() -> dict:
+  return dict(
+      # Recipes: stage_order names the stages; stages.NAME holds the keys that stage changes.
+      # Empty = the config itself is the only stage.
+      stage_order=(),
+      stages=ml_collections.ConfigDict(),
+      init_from_stage="",  # start from this earlier stage's result instead of the previous one
+  )
+
+
+def validate(config, env) -> None:
+  if config.init_from_stage and config.init_from_stage not in env.earlier_stages:
+    raise ConfigError(f"config.init_from_stage={config.init_from_stage!r} names no earlier stage; "
+                      f"earlier stages: {', '.join(env.earlier_stages) or 'none'}")
+
+
+def save_params(path: str, params) -> None:
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), params, force=True)
+  ckptr.wait_until_finished()
+
+
+def restore_params(path: str, run) -> dict:
+  """A finished stage's `final/` params, placed like `run.abstract_params`."""
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), run.abstract_params)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs every stage in order (or the config as one stage). Returns {stage: summary}."""
+  mesh = sharding.make_mesh(config.mesh)
+  recipe = bool(config.stage_order)
+  names = tuple(config.stage_order) or ("main",)
+  results, finals = {}, {}
+  prev = None
+  for name in names:
+    cfg = stage_config(config, name) if recipe else config
+    sdir = os.path.join(workdir, "stages", name) if recipe else workdir
+    label = name if recipe else ""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    stage_kinds = registry.kinds_for(cfg)
+    cfg = kinds.configure(stage_kinds, cfg, sdir)
+    run = run_lib.build(cfg, mesh, tokenizer)
+    done = os.path.join(sdir, "done.json")
+    if os.path.exists(done):  # finished before a restart: load its result, don't retrain
+      finals[name] = restore_params(os.path.join(sdir, "final"), run)
+      with open(done) as f:
+        results[name] = json.load(f)
+      prev = name
+      continue
+    start_from = cfg.init_from_stage or prev
+    base = finals[start_from] if start_from is not None else run.family.import_hf(cfg, run)
+    ctx = kinds.StageContext(label, cfg, sdir, run, tokenizer, mesh, base, finals)
+    with jax.set_mesh(mesh):
+      prepared = kinds.prepare(stage_kinds, ctx)
+    del ctx  # its starting variables are rebuilt by the loop
+    summary = loop.train_stage(cfg, sdir, mesh, tokenizer, base, label, run=run, prepared=prepared)
+    results[name] = summary
+    if summary["preempted"]:
+      break
+    if recipe:
+      with jax.set_mesh(mesh):
+        finals[name] = summary["run"].merged_params(summary["state"])
+      save_params(os.path.join(sdir, "final"), finals[name])
+      if jax.process_index() == 0:
+        atomic_write(done, json.dumps({k: summary.get(k) for k in ("eval_before", "eval_after")}))
+    prev = name
+  finished = not any(isinstance(r, dict) and r.get("preempted") for r in results.values())
+  last = results.get(names[-1]) if finished else None
+  if last is not None and "state" in last:
+    last["run"].family.export(workdir, cfg, last["run"], last["state"])
+  if finished and jax.process_index() == 0:
+    stage_dirs = [(n, os.path.join(workdir, "stages", n) if recipe else workdir) for n in results]
+    results_lib.write(workdir, results, stage_dirs, recipe)
+  return results
