@@ -62,9 +62,8 @@ def _forward(module, tokens, positions, mask, caches, media=None):
   x = module.embed(tokens, **media) if media else module.embed_tokens(tokens)
   h, caches = module.hidden(x, positions, mask, True, caches)
   logits = module.logits(h[:, -1:])[:, 0]
-  image_id = getattr(module.cfg, "image_token_id", None)
-  if image_id is not None:  # a VLM never generates a visual placeholder
-    logits = logits.at[:, image_id].set(-jnp.inf)
+  for placeholder in getattr(module.cfg, "placeholder_ids", ()):  # a VLM never generates a visual placeholder
+    logits = logits.at[:, placeholder].set(-jnp.inf)
   return logits, caches
 
 

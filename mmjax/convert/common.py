@@ -2,8 +2,16 @@
 one-line errors for unsupported settings and a check of param shapes against a config."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from mmjax import sharding
+from mmjax.convert import safetensors_io as stio
 
 
 def read_json(path: str, file: str) -> dict:
@@ -45,3 +53,112 @@ def check_param_shapes(flat: dict, want: dict) -> None:
       got = tuple(flat[p].shape) if p in flat else "absent"
       raise ValueError(f"params {p!r} has shape {got}, but cfg implies "
                        f"{tuple(want[p].shape) if p in want else 'no such param'}")
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor plans: which Hugging Face tensor each mmjax param is, and how it is laid out.
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One mmjax param and the Hugging Face tensor it is stored as.
+
+  kind: 'copy' (same layout), 'T' (transposed: HF [out, in] weight vs mmjax [in, out]
+  kernel), 'conv' (a ViT patch kernel: HF [D, C, p, p] vs mmjax [p*p*C, D]), or 'q' / 'k' /
+  'v' (one third of a packed HF `in_proj` [3D, in] weight or [3D] bias; `d` = D)."""
+  path: str
+  name: str
+  kind: str
+  shape: tuple
+  hf_shape: tuple
+  patch: int = 0
+  channels: int = 0
+  d: int = 0
+
+  def renamed(self, name: str) -> "Tensor":
+    return dataclasses.replace(self, name=name)
+
+  def moved(self, prefix: str) -> "Tensor":
+    """The same tensor under a params subtree (`prefix` + '/' + path)."""
+    return dataclasses.replace(self, path=f"{prefix}/{self.path}")
+
+
+def _shift(sl: slice, n: int, off: int) -> slice:
+  start, stop, step = sl.indices(n)
+  return slice(start + off, stop + off, step)
+
+
+def read_tensor(reader, t: Tensor, sharding, dtype) -> jax.Array:
+  """The param of `t` straight into `sharding`: each device reads only its own slice (a
+  patch kernel is small and read whole)."""
+  def read(index):
+    index = tuple(index)
+    if t.kind == "copy":
+      x = reader.read(t.name, index)
+    elif t.kind == "T":
+      x = reader.read(t.name, index[::-1]).T
+    elif t.kind == "conv":
+      w = reader.read(t.name)
+      x = w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])[index]
+    else:  # rows [off, off + D) of a packed [3D, in] weight (or of the bias [3D])
+      off = "qkv".index(t.kind) * t.d
+      if len(t.shape) == 1:
+        x = reader.read(t.name, (_shift(index[0], t.shape[0], off),))
+      else:
+        x = reader.read(t.name, (_shift(index[1], t.shape[1], off), index[0])).T
+    return np.asarray(x, dtype=dtype)
+  return jax.make_array_from_callback(tuple(t.shape), sharding, read)
+
+
+def check_file(path: str, reader, plan, what: str, owned=lambda name: True, ignored=lambda name: False) -> None:
+  """The checkpoint at `path` against a plan: a missing tensor, an unexpected one (among the
+  names `owned` selects and `ignored` does not), a shape other than the plan's or a dtype that
+  is not a float is a one-line ValueError naming the tensor."""
+  expected = {t.name: t.hf_shape for t in plan}
+  for name in sorted(expected):
+    if name not in reader.tensors:
+      raise ValueError(f"{path}: missing tensor {name!r} (expected shape {expected[name]})")
+  for name, info in sorted(reader.tensors.items()):
+    if name not in expected:
+      if owned(name) and not ignored(name):
+        raise ValueError(f"{path}: unexpected tensor {name!r} with shape {info.shape}; {what} has no such weight")
+      continue
+    if info.shape != expected[name]:
+      raise ValueError(f"{path}: tensor {name!r} has shape {info.shape} in the checkpoint, "
+                       f"but config.json implies {expected[name]}")
+    if info.dtype not in stio.FLOAT_CODES:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {info.dtype}; supported: {', '.join(stio.FLOAT_CODES)}")
+
+
+def read_params(reader, plan, names: dict, mesh, rules, dtype) -> dict:
+  """The nested params of a plan, each tensor read into the sharding its logical `names`
+  (flat {path: axes}) give on `mesh` (the first local device without a mesh)."""
+  np_dt = np.dtype(dtype)
+  flat = {t.path: read_tensor(reader, t, sharding.placement(names[t.path], t.shape, mesh, rules), np_dt)
+          for t in plan}
+  jax.block_until_ready(flat)
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def entries(flat: dict, plan, dtype) -> list:
+  """safetensors entries of flat params {path: array} by a plan (inverse of `read_tensor`;
+  the three thirds of a packed in_proj become one tensor). Arrays are gathered to the host
+  one at a time, when written."""
+  np_dt = np.dtype(dtype)
+  out, packed = [], {}
+  for t in plan:
+    x = flat[t.path]
+    if t.kind in ("q", "k", "v"):
+      packed.setdefault(t.name, {})[t.kind] = (x, t)
+      continue
+    if t.kind == "conv":
+      get = (lambda x=x, t=t: sharding.to_host(x).reshape(t.patch, t.patch, t.channels, -1).transpose(3, 2, 0, 1))
+    elif t.kind == "T":
+      get = (lambda x=x: sharding.to_host(x).T)
+    else:
+      get = (lambda x=x: sharding.to_host(x))
+    out.append(stio.Entry(t.name, t.hf_shape, np_dt, get))
+  for name, parts in sorted(packed.items()):
+    get = (lambda parts=parts: np.concatenate([sharding.to_host(parts[k][0]).T for k in "qkv"], axis=0))
+    out.append(stio.Entry(name, parts["q"][1].hf_shape, np_dt, get))
+  return sorted(out)

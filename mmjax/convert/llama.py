@@ -34,7 +34,8 @@ from flax import traverse_util
 from mmjax import lora as lora_lib
 from mmjax import sharding
 from mmjax.convert import safetensors_io as stio
-from mmjax.convert.common import check_param_shapes, find_architecture, read_json, unsupported
+from mmjax.convert.common import (Tensor, check_file, check_param_shapes, entries, find_architecture, read_json,
+                                  read_params, read_tensor, unsupported)
 from mmjax.files import atomic_write
 from mmjax.models.llama import Llama, LlamaConfig
 
@@ -184,13 +185,14 @@ def param_specs(cfg: LlamaConfig) -> tuple[dict, dict]:
   return traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/"), names
 
 
-def _place(reader: stio.Reader, name: str, transpose: bool, shape, sh, dtype: np.dtype) -> jax.Array:
-  """One tensor straight into its sharding: each device reads only its own slice."""
-  def read(index):
-    index = tuple(index)
-    x = reader.read(name, index[::-1]).T if transpose else reader.read(name, index)
-    return np.asarray(x, dtype=dtype)
-  return jax.make_array_from_callback(tuple(shape), sh, read)
+def tensor_plan(cfg: LlamaConfig, prefix: str = "") -> list[Tensor]:
+  """Every param of `Llama(cfg)` and its HF tensor (names under `prefix`)."""
+  plan = []
+  for p, x in sorted(param_specs(cfg)[0].items()):
+    name, transpose = hf_name(p)
+    shape = tuple(x.shape)
+    plan.append(Tensor(p, prefix + name, "T" if transpose else "copy", shape, shape[::-1] if transpose else shape))
+  return plan
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,34 +209,13 @@ def import_hf(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES, dtype: str 
   """
   hf = read_json(path, "config.json")
   cfg = dataclasses.replace(config_from_hf(hf), dtype=dtype, param_dtype=dtype)
-  np_dt = stio.np_dtype(dtype)
-  shapes, names = param_specs(cfg)
+  plan = tensor_plan(cfg)
   with stio.open_dir(path) as reader:
-    expected = {}
-    for p, s in shapes.items():
-      name, transpose = hf_name(p)
-      expected[name] = (p, transpose, tuple(s.shape[::-1]) if transpose else tuple(s.shape))
-    ignored = {"lm_head.weight"} if cfg.tie_embeddings else set()  # some tied checkpoints keep a copy
-    for name in sorted(expected):
-      if name not in reader.tensors:
-        raise ValueError(f"{path}: missing tensor {name!r} (expected shape {expected[name][2]})")
-    for name, info in sorted(reader.tensors.items()):
-      if name in ignored or name.endswith("rotary_emb.inv_freq"):
-        continue
-      if name not in expected:
-        raise ValueError(f"{path}: unexpected tensor {name!r} with shape {info.shape}; "
-                         f"{architecture_of(hf)} with this config.json has no such weight")
-      if info.shape != expected[name][2]:
-        raise ValueError(f"{path}: tensor {name!r} has shape {info.shape} in the checkpoint, "
-                         f"but config.json implies {expected[name][2]}")
-      if info.dtype not in stio.FLOAT_CODES:
-        raise ValueError(f"{path}: tensor {name!r} has dtype {info.dtype}; supported: {', '.join(stio.FLOAT_CODES)}")
-    flat = {}
-    for name, (p, transpose, _) in expected.items():
-      shape = shapes[p].shape
-      flat[p] = _place(reader, name, transpose, shape, sharding.placement(names[p], shape, mesh, rules), np_dt)
-    jax.block_until_ready(flat)
-  return cfg, traverse_util.unflatten_dict(flat, sep="/")
+    check_file(path, reader, plan, f"{architecture_of(hf)} with this config.json",
+               ignored=lambda n: n.endswith("rotary_emb.inv_freq") or (  # some tied checkpoints keep a copy
+                   cfg.tie_embeddings and n == "lm_head.weight"))
+    params = read_params(reader, plan, param_specs(cfg)[1], mesh, rules, stio.np_dtype(dtype))
+  return cfg, params
 
 
 def export_hf(path: str, cfg: LlamaConfig, params: dict, lora: dict | None = None, merge: bool = True,
@@ -252,17 +233,11 @@ def export_hf(path: str, cfg: LlamaConfig, params: dict, lora: dict | None = Non
   config = hf_config(cfg, architecture, dtype, **(config_overrides or {}))
   if lora is not None and merge:
     params = lora_lib.merge(params, lora, cfg.lora_alpha, cfg.lora_rslora)
-  np_dt = stio.np_dtype(dtype)
   flat = traverse_util.flatten_dict(params, sep="/")
   check_param_shapes(flat, param_specs(cfg)[0])
-  entries = []
-  for p, x in sorted(flat.items()):
-    name, transpose = hf_name(p)
-    shape = tuple(x.shape[::-1]) if transpose else tuple(x.shape)
-    get = (lambda x=x, t=transpose: sharding.to_host(x).T if t else sharding.to_host(x))
-    entries.append(stio.Entry(name, shape, np_dt, get))
   write = jax.process_index() == 0
-  stio.write_dir(path, entries, max_shard_bytes=max_shard_bytes, write=write)
+  stio.write_dir(path, entries(flat, tensor_plan(cfg), stio.np_dtype(dtype)), max_shard_bytes=max_shard_bytes,
+                 write=write)
   if write:
     atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
   if lora is not None and not merge:
@@ -351,7 +326,8 @@ def import_peft(path: str, cfg: LlamaConfig, params: dict, *, mesh=None, rules=s
       for leaf, name in (("a", a_name), ("b", b_name)):
         shape = (d_in, rank) if leaf == "a" else (rank, d_out)
         sh = sharding.placement(axes[f"{module}/{leaf}"], shape, mesh, rules)
-        flat[f"{module}/{leaf}"] = _place(reader, name, True, shape, sh, np_dt)
+        flat[f"{module}/{leaf}"] = read_tensor(reader, Tensor(f"{module}/{leaf}", name, "T", shape, shape[::-1]), sh,
+                                               np_dt)
     if not flat:
       raise ValueError(f"{path}: adapter_model.safetensors holds no LoRA weights")
     jax.block_until_ready(flat)
@@ -383,14 +359,14 @@ def export_peft(path: str, cfg: LlamaConfig, lora: dict, base_model_name_or_path
   ranks = {m: flat[m + "/a"].shape[-1] for m in modules}
   r = max(set(ranks.values()), key=list(ranks.values()).count)
   np_dt = stio.np_dtype(dtype)
-  entries = []
+  tensors = []
   for m in modules:
     a, b = flat[m + "/a"], flat[m + "/b"]
     base = _PEFT_PREFIX + hf_module(m)
-    entries.append(stio.Entry(base + ".lora_A.weight", tuple(a.shape[::-1]), np_dt, lambda a=a: sharding.to_host(a).T))
-    entries.append(stio.Entry(base + ".lora_B.weight", tuple(b.shape[::-1]), np_dt, lambda b=b: sharding.to_host(b).T))
+    tensors.append(stio.Entry(base + ".lora_A.weight", tuple(a.shape[::-1]), np_dt, lambda a=a: sharding.to_host(a).T))
+    tensors.append(stio.Entry(base + ".lora_B.weight", tuple(b.shape[::-1]), np_dt, lambda b=b: sharding.to_host(b).T))
   write = jax.process_index() == 0
-  stio.write_dir(path, sorted(entries), stem="adapter_model", write=write)
+  stio.write_dir(path, sorted(tensors), stem="adapter_model", write=write)
   config = dict(
       peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path, r=r,
       lora_alpha=cfg.lora_alpha, use_rslora=cfg.lora_rslora, lora_dropout=cfg.lora_dropout,

@@ -32,14 +32,15 @@ HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"
             "generation_config.json", "chat_template.jinja", "chat_template.json")
 
 
-def save(path: str, cfg: LlamaConfig, params: dict, lora: dict | None = None, *,
-         hf_architecture: str | None = None, hf_config: dict | None = None, hf_dir: str | None = None) -> None:
-  """Writes a model directory (`path` must not hold params/ or lora/ yet)."""
+def save(path: str, cfg, params: dict, lora: dict | None = None, *, hf_architecture: str | None = None,
+         hf_config: dict | None = None, hf_dir: str | None = None, fmt: str = FORMAT) -> None:
+  """Writes a model directory (`path` must not hold params/ or lora/ yet) of format `fmt`
+  (LLaMA, or another model whose config is a dataclass, e.g. `mmjax.convert.vlm.FORMAT`)."""
   path = os.path.abspath(path)
   save_variables(path, params, lora)
   if jax.process_index() != 0:
     return
-  meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "hf_architecture": hf_architecture,
+  meta = {"format": fmt, "model": dataclasses.asdict(cfg), "hf_architecture": hf_architecture,
           "hf_config": hf_config}
   atomic_write(os.path.join(path, CONFIG_FILE), json.dumps(meta, indent=2))
   if hf_dir:

@@ -30,7 +30,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
@@ -38,7 +37,8 @@ from mmjax import lora as lora_lib
 from mmjax import sharding
 from mmjax.convert import model_dir
 from mmjax.convert import safetensors_io as stio
-from mmjax.convert.common import check_param_shapes, find_architecture, read_json, unsupported
+from mmjax.convert.common import (Tensor, check_file, check_param_shapes, entries, find_architecture, read_json,
+                                  read_params, unsupported)
 from mmjax.files import atomic_write
 from mmjax.models.vit import CLIP_LAYOUT, SIGLIP_LAYOUT, ViT, ViTConfig
 
@@ -183,31 +183,14 @@ def param_specs(cfg: ViTConfig) -> tuple[dict, dict]:
   return traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/"), names
 
 
-def _shift(sl: slice, n: int, off: int) -> slice:
-  start, stop, step = sl.indices(n)
-  return slice(start + off, stop + off, step)
-
-
-def _place(reader: stio.Reader, name: str, kind: str, shape, sh, dtype: np.dtype, cfg: ViTConfig) -> jax.Array:
-  """One tensor straight into its sharding; each device reads only its slice (the small patch
-  kernel is read whole and rearranged)."""
-  def read(index):
-    index = tuple(index)
-    if kind == "copy":
-      x = reader.read(name, index)
-    elif kind == "T":
-      x = reader.read(name, index[::-1]).T
-    elif kind == "conv":
-      w = reader.read(name)
-      x = w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])[index]
-    else:  # third of a packed in_proj: rows [off, off + D) of [3D, in] (or of the bias [3D])
-      off = "qkv".index(kind) * cfg.d_model
-      if len(shape) == 1:
-        x = reader.read(name, (_shift(index[0], shape[0], off),))
-      else:
-        x = reader.read(name, (_shift(index[1], shape[1], off), index[0])).T
-    return np.asarray(x, dtype=dtype)
-  return jax.make_array_from_callback(tuple(shape), sh, read)
+def tensor_plan(cfg: ViTConfig, prefix: str = PREFIX) -> list[Tensor]:
+  """Every param of `ViT(cfg)` and its HF tensor (names under `prefix`)."""
+  plan = []
+  for p, s in sorted(param_specs(cfg)[0].items()):
+    name, kind = hf_name(p)
+    plan.append(Tensor(p, prefix + name, kind, tuple(s.shape), _hf_shape(s.shape, kind, cfg), patch=cfg.patch_size,
+                       channels=cfg.num_channels, d=cfg.d_model))
+  return plan
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,37 +208,14 @@ def import_hf_vision(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES, dtyp
   arch = architecture_of(hf)
   full = ARCHITECTURES[arch][1]
   cfg = dataclasses.replace(vit_config_from_hf(hf), dtype=dtype, param_dtype=dtype)
-  np_dt = stio.np_dtype(dtype)
-  shapes, names = param_specs(cfg)
   with stio.open_dir(path) as reader:
     prefixed = full or any(n.startswith(PREFIX) for n in reader.tensors)
-    prefix = PREFIX if prefixed else ""
-    expected = {}  # HF name -> HF shape
-    for p, s in shapes.items():
-      name, kind = hf_name(p)
-      expected[prefix + name] = _hf_shape(s.shape, kind, cfg)
-    for name in sorted(expected):
-      if name not in reader.tensors:
-        raise ValueError(f"{path}: missing tensor {name!r} (expected shape {expected[name]})")
-    for name, info in sorted(reader.tensors.items()):
-      if full and not name.startswith(PREFIX):
-        continue  # text tower, projections, logit scale / bias
-      if name.endswith("position_ids"):  # a buffer older transformers saved
-        continue
-      if name not in expected:
-        raise ValueError(f"{path}: unexpected tensor {name!r} with shape {info.shape}; "
-                         f"{arch} with this config.json has no such weight")
-      if info.shape != expected[name]:
-        raise ValueError(f"{path}: tensor {name!r} has shape {info.shape} in the checkpoint, "
-                         f"but config.json implies {expected[name]}")
-      if info.dtype not in stio.FLOAT_CODES:
-        raise ValueError(f"{path}: tensor {name!r} has dtype {info.dtype}; supported: {', '.join(stio.FLOAT_CODES)}")
-    flat = {}
-    for p, s in shapes.items():
-      name, kind = hf_name(p)
-      flat[p] = _place(reader, prefix + name, kind, s.shape, sharding.placement(names[p], s.shape, mesh, rules), np_dt, cfg)
-    jax.block_until_ready(flat)
-  return cfg, traverse_util.unflatten_dict(flat, sep="/")
+    plan = tensor_plan(cfg, PREFIX if prefixed else "")
+    # A full model's text tower, projections and logit scale / bias are not read.
+    check_file(path, reader, plan, f"{arch} with this config.json", owned=lambda n: not full or n.startswith(PREFIX),
+               ignored=lambda n: n.endswith("position_ids"))  # a buffer older transformers saved
+    params = read_params(reader, plan, param_specs(cfg)[1], mesh, rules, stio.np_dtype(dtype))
+  return cfg, params
 
 
 def export_hf_vision(path: str, cfg: ViTConfig, params: dict, lora: dict | None = None, merge: bool = True,
@@ -270,28 +230,10 @@ def export_hf_vision(path: str, cfg: ViTConfig, params: dict, lora: dict | None 
     if not merge:
       raise ValueError("export_hf_vision: merge=False is not supported; vision adapters are exported merged")
     params = lora_lib.merge(params, lora, cfg.lora_alpha, cfg.lora_rslora)
-  np_dt = stio.np_dtype(dtype)
   flat = traverse_util.flatten_dict(params, sep="/")
   check_param_shapes(flat, param_specs(cfg)[0])
-  entries, packed = [], {}
-  for p, x in sorted(flat.items()):
-    name, kind = hf_name(p)
-    shape = _hf_shape(x.shape, kind, cfg)
-    if kind in ("q", "k", "v"):
-      packed.setdefault(name, {})[kind] = x
-      continue
-    if kind == "conv":
-      get = (lambda x=x: sharding.to_host(x).reshape(cfg.patch_size, cfg.patch_size, cfg.num_channels, -1)
-             .transpose(3, 2, 0, 1))
-    else:
-      get = (lambda x=x, t=kind == "T": sharding.to_host(x).T if t else sharding.to_host(x))
-    entries.append(stio.Entry(PREFIX + name, shape, np_dt, get))
-  for name, parts in sorted(packed.items()):
-    shape = _hf_shape(parts["q"].shape, "q", cfg)
-    get = (lambda parts=parts: np.concatenate([sharding.to_host(parts[k]).T for k in "qkv"], axis=0))
-    entries.append(stio.Entry(PREFIX + name, shape, np_dt, get))
   write = jax.process_index() == 0
-  stio.write_dir(path, sorted(entries), write=write)
+  stio.write_dir(path, entries(flat, tensor_plan(cfg), stio.np_dtype(dtype)), write=write)
   if write:
     atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
 
