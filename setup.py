@@ -24,6 +24,7 @@ setup(
         "pillow",
         "matplotlib",
         "scipy",
+        "av",  # PyAV: video files (mp4, webm, avi, mkv) decoded into frames
     ],
     extras_require={
         "cuda12": ["jax[cuda12]"],

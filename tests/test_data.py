@@ -396,8 +396,8 @@ def test_tfds_image_text_records(monkeypatch):
   src = sources.TfdsSource("toy_captions", "train", prompt_key="q", response_key="caption", image_key="image")
   rec = src[0]
   assert rec["prompt"] == "describe" and rec["response"] == "a red image" and rec["image"].shape == (8, 6, 3)
-  from mmjax.data import pipeline
-  px = pipeline.load_image(rec["image"], 4)
+  from mmjax.data import media
+  px = media.load_image(rec["image"], 4)
   assert px.shape == (4, 4, 3) and np.allclose(px[..., 0], 200 / 127.5 - 1, atol=0.02)
   fake.data_source = lambda name, split, data_dir: [{"image": np.zeros((2, 2, 5)), "q": b"x", "caption": b"y"}]
   with pytest.raises(sources.RecordError, match=r"tfds toy_captions\[train\] #0: 'image' has shape \(2, 2, 5\)"):

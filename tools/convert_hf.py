@@ -1,4 +1,5 @@
-"""Hugging Face <-> mmjax model directories for LLaMA-family decoders (Llama, Mistral, Qwen2).
+"""Hugging Face <-> mmjax model directories: LLaMA-family decoders (Llama, Mistral, Qwen2),
+whole VLMs (LLaVA, Video-LLaVA) and vision towers (CLIP, SigLIP).
 
   python tools/convert_hf.py import --hf HF_DIR --out MMJAX_DIR [--peft PEFT_DIR] [--dtype bfloat16]
   python tools/convert_hf.py export --ckpt MMJAX_DIR --out HF_DIR [--adapter DIR] [--merge]
@@ -13,6 +14,13 @@ writes an mmjax model directory (see `mmjax.convert.model_dir`: model_config.jso
 (an mmjax model directory with `lora/`, or a PEFT directory) or else the checkpoint's own
 `lora/`; with `--merge` it is folded into the weights, otherwise it is written next to the
 base model as a PEFT adapter in OUT/adapter. Torch is not needed.
+
+The architecture is detected: an HF directory whose config.json is a
+`LlavaForConditionalGeneration` or `VideoLlavaForConditionalGeneration` imports as an mmjax
+VLM directory (`mmjax.convert.vlm`; the processor and tokenizer files are kept), and an
+mmjax VLM directory (e.g. a run's WORKDIR/model) exports back to that class, its adapter
+merged (`--merge`) or as a PEFT adapter in OUT/adapter that `peft.PeftModel.from_pretrained`
+loads onto the exported base (`--adapter` is for LLaMA directories only).
 
   python tools/convert_hf.py import-vision --hf HF_DIR --out MMJAX_DIR [--dtype bfloat16]
   python tools/convert_hf.py export-vision --ckpt MMJAX_DIR --out HF_DIR [--architecture SiglipVisionModel]
@@ -38,9 +46,20 @@ from mmjax.convert import llama as convert_llama  # noqa: E402
 from mmjax.convert import model_dir  # noqa: E402
 from mmjax.convert.common import read_json  # noqa: E402
 from mmjax.convert import vision as convert_vision  # noqa: E402
+from mmjax.convert import vlm as convert_vlm  # noqa: E402
 
 
 def _import(args) -> None:
+  hf = read_json(args.hf, "config.json")
+  if convert_vlm.is_vlm(hf):
+    if args.peft:
+      raise ValueError("--peft is supported for LLaMA-family models only")
+    cfg, params = convert_vlm.import_hf_vlm(args.hf, dtype=args.dtype)
+    convert_vlm.save_dir(args.out, cfg, params, hf_architecture=convert_vlm.architecture_of(hf), hf_config=hf,
+                         hf_dir=args.hf)
+    print(f"wrote {args.out}: {convert_vlm.architecture_of(hf)}, language model {cfg.llm.n_layers} layers, "
+          f"tower {cfg.vision.n_layers} layers")
+    return
   cfg, params = convert_llama.import_hf(args.hf, dtype=args.dtype)
   lora = None
   if args.peft:
@@ -66,7 +85,40 @@ def _load_adapter(path: str, cfg, params):
 _CARRIED = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
 
 
+_TEXT_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _export_vlm(args) -> None:
+  cfg, params, lora, meta = convert_vlm.load_dir(args.ckpt)
+  if args.adapter:
+    raise ValueError("--adapter is supported for LLaMA-family directories only; a VLM directory's own lora/ is used")
+  hf = meta.get("hf_config") or {}
+  text = hf.get("text_config") or {}
+  text_arch = _TEXT_ARCHS.get(text.get("model_type"), "Qwen2ForCausalLM" if cfg.llm.qkv_bias else "LlamaForCausalLM")
+  extra = {k: text[k] for k in _CARRIED if k in text}
+  dtype = args.dtype or cfg.llm.param_dtype
+  max_bytes = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
+  convert_vlm.export_hf_vlm(args.out, cfg, params, lora if args.merge else None, text_architecture=text_arch,
+                            dtype=dtype, max_shard_bytes=max_bytes, text_extra=extra)
+  if lora is not None and not args.merge:
+    convert_vlm.export_peft(os.path.join(args.out, "adapter"), cfg, lora, base_model_name_or_path=os.path.abspath(args.out),
+                            dtype=dtype)
+  _copy_hf_files(args.ckpt, args.out)
+  what = "merged adapter" if lora is not None and args.merge else (
+      "adapter in adapter/" if lora is not None else "no adapter")
+  print(f"wrote {args.out} as {convert_vlm.architecture_for(cfg)} ({dtype}, {what})")
+
+
+def _copy_hf_files(ckpt: str, out: str) -> None:
+  files = os.path.join(ckpt, "hf_files")
+  if os.path.isdir(files):
+    for name in os.listdir(files):
+      shutil.copy(os.path.join(files, name), os.path.join(out, name))
+
+
 def _export(args) -> None:
+  if model_dir.read_meta(args.ckpt, fmt=None).get("format") == convert_vlm.FORMAT:
+    return _export_vlm(args)
   cfg, params, lora, meta = model_dir.load(args.ckpt)
   if args.adapter:
     cfg, lora = _load_adapter(args.adapter, cfg, params)
@@ -79,10 +131,7 @@ def _export(args) -> None:
   max_bytes = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
   convert_llama.export_hf(args.out, cfg, params, lora, merge=args.merge, architecture=arch, dtype=dtype,
                           max_shard_bytes=max_bytes, config_overrides=overrides)
-  files = os.path.join(args.ckpt, "hf_files")
-  if os.path.isdir(files):
-    for name in os.listdir(files):
-      shutil.copy(os.path.join(files, name), os.path.join(args.out, name))
+  _copy_hf_files(args.ckpt, args.out)
   what = "merged adapter" if lora is not None and args.merge else (
       "adapter in adapter/" if lora is not None else "no adapter")
   print(f"wrote {args.out} as {arch} ({dtype}, {what})")

@@ -29,7 +29,8 @@ from mmjax.models.llama import LlamaConfig
 FORMAT = "mmjax.llama/v1"
 CONFIG_FILE = "model_config.json"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-            "generation_config.json", "chat_template.jinja", "chat_template.json")
+            "generation_config.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+            "processor_config.json", "video_preprocessor_config.json")
 
 
 def save(path: str, cfg, params: dict, lora: dict | None = None, *, hf_architecture: str | None = None,
@@ -51,14 +52,15 @@ def save(path: str, cfg, params: dict, lora: dict | None = None, *, hf_architect
       shutil.copy(os.path.join(hf_dir, name), os.path.join(path, "hf_files", name))
 
 
-def read_meta(path: str, fmt: str = FORMAT) -> dict:
-  """PATH/model_config.json, which must declare format `fmt` (LLaMA or vision directory)."""
+def read_meta(path: str, fmt: str | None = FORMAT) -> dict:
+  """PATH/model_config.json, which must declare format `fmt` (LLaMA, VLM or vision directory;
+  None: any)."""
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.exists(file):
     raise ValueError(f"{path} is not an mmjax model directory: no {CONFIG_FILE}")
   with open(file) as f:
     meta = json.load(f)
-  if meta.get("format") != fmt:
+  if fmt is not None and meta.get("format") != fmt:
     raise ValueError(f"{file}: format={meta.get('format')!r} is not supported; supported: {fmt}")
   return meta
 

@@ -234,24 +234,32 @@ def hf_module(path: str, kind: str) -> str:
 # Import / export
 
 
-def import_hf_vlm(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES, dtype: str = "float32"
-                  ) -> tuple[VLMConfig, dict]:
+def import_hf_vlm(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES, dtype: str = "float32",
+                  cfg: VLMConfig | None = None) -> tuple[VLMConfig, dict]:
   """Reads a LLaVA / Video-LLaVA directory (config.json + safetensors).
 
-  Returns (cfg, params) for `VLM(cfg)` with every part's dtype and param dtype `dtype`, each
-  tensor placed in its sharding on `mesh` (or the first local device) as it is read.
-  Missing, unexpected and mis-shaped tensors raise one-line ValueErrors."""
+  Returns (cfg, params) for `VLM(cfg)`, each tensor placed in its sharding on `mesh` (or the
+  first local device) as it is read: by default every part in `dtype`; with `cfg` (the
+  directory's config with a run's numerics, `vlm_config_from_hf` + dtypes) the towers in
+  `cfg.vision.param_dtype` and the rest in `cfg.llm.param_dtype`. Missing, unexpected and
+  mis-shaped tensors raise one-line ValueErrors."""
   hf = read_json(path, "config.json")
-  cfg = vlm_config_from_hf(hf)
-  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype=dtype, param_dtype=dtype),
-                            llm=dataclasses.replace(cfg.llm, dtype=dtype, param_dtype=dtype))
+  if cfg is None:
+    cfg = vlm_config_from_hf(hf)
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype=dtype, param_dtype=dtype),
+                              llm=dataclasses.replace(cfg.llm, dtype=dtype, param_dtype=dtype))
   with stio.open_dir(path) as reader:
     plan = _resolve(tensor_plan(cfg), reader)
     tied = cfg.llm.tie_embeddings
     check_file(path, reader, plan, f"{architecture_of(hf)} with this config.json",
                ignored=lambda n: n.endswith(("position_ids", "rotary_emb.inv_freq")) or (
                    tied and n in ("language_model.lm_head.weight", "lm_head.weight")))
-    params = read_params(reader, plan, param_specs(cfg)[1], mesh, rules, stio.np_dtype(dtype))
+    names = param_specs(cfg)[1]
+    towers = tuple(TOWERS[ARCHITECTURES[architecture_for(cfg)]])
+    params = {}
+    for part_plan, dt in (([t for t in plan if t.path.split("/")[0] in towers], cfg.vision.param_dtype),
+                          ([t for t in plan if t.path.split("/")[0] not in towers], cfg.llm.param_dtype)):
+      params.update(read_params(reader, part_plan, names, mesh, rules, stio.np_dtype(dt)))
   return cfg, params
 
 

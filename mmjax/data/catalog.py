@@ -18,7 +18,7 @@ from typing import Callable
 import ml_collections
 
 from mmjax.config.core import ConfigError
-from mmjax.data import coco, shapes, sources, tokenizer as tokenizer_lib
+from mmjax.data import coco, pixels, shapes, sources, tokenizer as tokenizer_lib
 from mmjax.select import retrieve
 
 
@@ -59,6 +59,13 @@ def default_data_config() -> ml_collections.ConfigDict:
       #                   train on only those records of the train source (data selection)
       drop_media=False,  # drop images/frames from the records: text-only examples (e.g. a language
       #                    model's adapter trained on captions alone in directed fine-tuning)
+      media=(),  # the batch's pixel fields ('images', 'frames'); () = the source's own (shapes: by task,
+      #            others: images); ('images', 'frames') lets one batch mix images, videos and text
+      media_root="",  # relative image / video paths of jsonl records resolve here; '' = the data file's folder
+      image_processor="",  # a directory with preprocessor_config.json (the tower's own pixels, e.g. the
+      #                      HF model directory); '' = the built-in scaling to [-1, 1] at data.image_size
+      video_fps=0.0,  # video files: 0 = video_frames frames spread over the whole video; > 0 = one frame
+      #                 every 1/video_fps seconds from the start
   ))
 
 
@@ -95,7 +102,8 @@ def _check_sizes(c) -> None:
 
 
 def _keys(c) -> dict:
-  return dict(text_key=c.text_key, prompt_key=c.prompt_key, response_key=c.response_key, image_key=c.image_key)
+  return dict(text_key=c.text_key, prompt_key=c.prompt_key, response_key=c.response_key, image_key=c.image_key,
+              media_root=c.media_root or None)
 
 
 def _open_generated(c, split):
@@ -228,6 +236,10 @@ def check_values(c) -> None:
   for key in ("packing", "shuffle"):
     if not isinstance(c[key], bool):
       raise _bad(key, c[key], "expected True or False")
+  if not set(c.media) <= {"images", "frames"}:
+    raise _bad("media", c.media, "expected a tuple of 'images' and / or 'frames' (or () for the source's own)")
+  if not c.video_fps >= 0:
+    raise _bad("video_fps", c.video_fps, "expected 0 (uniform over the video) or a rate > 0")
   SOURCES[c.source].check(c)
 
 
@@ -236,6 +248,14 @@ def check_files(c) -> None:
   tok = c.tokenizer
   if tok not in tokenizer_lib.BUILTINS and not os.path.isfile(os.path.join(str(tok), "tokenizer.json")):
     raise _bad("tokenizer", tok, "expected 'builtin', 'builtin_words' or a local directory holding tokenizer.json")
+  if c.media_root and not os.path.isdir(c.media_root):
+    raise _bad("media_root", c.media_root, "expected a directory (relative media paths resolve there)")
+  if c.image_processor:
+    size = pixels.for_data(c).size  # reads and checks preprocessor_config.json
+    if size != (c.image_size, c.image_size):
+      raise _bad("image_size", c.image_size, f"data.image_processor={c.image_processor!r} gives {size[0]}x{size[1]} "
+                 f"pixels; set data.image_size={size[0]}" if size[0] == size[1] else
+                 f"data.image_processor gives non-square {size[0]}x{size[1]} pixels, which mmjax does not support")
   SOURCES[c.source].check_files(c)
 
 
@@ -254,9 +274,12 @@ def validate(config, env) -> None:
 
 
 def media_fields(data_cfg) -> tuple[str, ...]:
-  """The pixel batch fields records of this data give a VLM: ('images',), ('frames',) or ()."""
+  """The pixel batch fields records of this data give a VLM: `data.media`, else the source's
+  ('images',) or ('frames',); () for text-only data."""
   if data_cfg.drop_media:
     return ()
+  if data_cfg.media:
+    return tuple(data_cfg.media)
   return SOURCES[data_cfg.source].media(data_cfg)
 
 

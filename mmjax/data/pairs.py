@@ -25,7 +25,7 @@ import json
 import grain
 import numpy as np
 
-from mmjax.data import catalog, pipeline, sources
+from mmjax.data import catalog, media, pipeline, pixels, sources
 from mmjax.files import atomic_write, jsonl
 
 _RENAME = {"tokens": "tokens", "targets": "targets", "loss_mask": "mask", "segment_ids": "segment_ids",
@@ -61,7 +61,7 @@ def read_pairs(path: str) -> list[dict]:
 def _marker(record: dict) -> dict:
   """A prompt/response record with the media key (value unused) so visual tokens are counted."""
   out = {"prompt": record["prompt"]}
-  kind = pipeline.media_kind(record)
+  kind = media.media_kind(record)
   if kind is not None:
     out["frames" if kind == "video" else "image"] = None
   return out
@@ -122,10 +122,10 @@ class PairsSource:
     return f"PairsSource({len(self)} pairs)"
 
 
-def tokenize_pair(record: dict, *, tokenizer, seq_len: int, visual_tokens=None, image_size: int = 32,
-                  gt: bool = False) -> dict:
+def tokenize_pair(record: dict, *, tokenizer, seq_len: int, visual_tokens=None, image_size=32,
+                  gt: bool = False, media_fields=None, n_frames: int = 0, fps: float = 0.0) -> dict:
   """A pairs record -> chosen_*/rejected_* (and gt_*) int32 [seq_len] rows, ref log-probs
-  (float32 [1]) when present, and images/frames."""
+  (float32 [1]) when present, and images/frames (`mmjax.data.media.media_arrays`)."""
   out = {}
   prefixes = [("chosen", "chosen"), ("rejected", "rejected")] + ([("gt", "ground_truth")] if gt else [])
   for prefix, key in prefixes:
@@ -136,21 +136,18 @@ def tokenize_pair(record: dict, *, tokenizer, seq_len: int, visual_tokens=None, 
   for k in ("ref_chosen_logps", "ref_rejected_logps"):
     if k in record:
       out[k] = np.full((1,), record[k], np.float32)  # [1]: batches are [B, 1] like every other field's rank >= 2
-  kind = pipeline.media_kind(record)
-  if kind == "image":
-    out["images"] = pipeline.load_image(record["image"], image_size)
-  elif kind == "video":
-    out["frames"] = np.stack([pipeline.load_image(f, image_size) for f in record["frames"]])
+  out.update(media.media_arrays(record, image_size, media_fields, n_frames, fps))
   return out
 
 
 def make_train_iterator(path: str, config, *, tokenizer, visual_tokens=None, process_index: int = 0,
-                        process_count: int = 1, gt: bool = False, need_ref: bool = False) -> grain.DatasetIterator:
+                        process_count: int = 1, gt: bool = False, need_ref: bool = False,
+                        media_fields=None) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of local pair batches (`config.batch_size` pairs
   globally), shuffled per epoch with `config.seed`; process p reads pairs p, p+P, ..."""
   records = read_pairs(path)
-  media = media_source(config)
-  check_pairs(records, tokenizer, config.seq_len, visual_tokens, media=media)
+  source = media_source(config)
+  check_pairs(records, tokenizer, config.seq_len, visual_tokens, media=source)
   for r in records:
     if gt and "ground_truth" not in r:
       raise PairsError(f"{r['_where']}: config.dpo.gt_weight > 0 needs a 'ground_truth' response")
@@ -158,12 +155,14 @@ def make_train_iterator(path: str, config, *, tokenizer, visual_tokens=None, pro
       raise PairsError(f"{r['_where']}: config.dpo.reference='precomputed' needs ref_chosen_logps and "
                        f"ref_rejected_logps")
   local = pipeline.local_batch(config.batch_size, process_index, process_count)
-  ds = grain.MapDataset.source(PairsSource(records, media))
+  ds = grain.MapDataset.source(PairsSource(records, source))
   if config.data.shuffle:
     ds = ds.shuffle(seed=int(config.seed) % 2**32)
   ds = ds.repeat()[process_index::process_count]
+  d = config.data
   ds = ds.map(functools.partial(tokenize_pair, tokenizer=tokenizer, seq_len=config.seq_len,
-                                visual_tokens=visual_tokens, image_size=config.data.image_size, gt=gt))
+                                visual_tokens=visual_tokens, image_size=pixels.for_data(d), gt=gt,
+                                media_fields=media_fields, n_frames=d.video_frames, fps=d.video_fps))
   read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return iter(ds.batch(local, drop_remainder=True).to_iter_dataset(read))
 

@@ -20,12 +20,11 @@ rows of the single-process global batch. The returned `grain.DatasetIterator` ha
 from __future__ import annotations
 
 import functools
-import os
 
 import grain
 import numpy as np
 
-from mmjax.data import catalog, sources
+from mmjax.data import catalog, media, pixels, sources
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 MEDIA_FIELDS = ("images", "frames")
@@ -48,46 +47,25 @@ def _content(record: dict, tok) -> tuple[list[int], list[int], int]:
   raise sources.RecordError(f"record has keys {sorted(record)}; expected text, prompt/response or messages")
 
 
-def media_kind(record: dict) -> str | None:
-  """'image' or 'video' when a record carries pixels (or an image path), else None."""
-  if "frames" in record:
-    return "video"
-  if "image" in record:
-    return "image"
-  return None
-
-
-def _visual_prefix(record, tokenizer, visual_tokens, seq_len):
-  kind = media_kind(record)
-  if kind is None:
-    return []
-  if not visual_tokens or kind not in visual_tokens:
-    raise ValueError(f"a record has an {kind} but the model takes no {kind} input")
-  if getattr(tokenizer, "image_id", None) is None:
-    raise ValueError("the tokenizer has no '<image>' token to mark visual positions; add one to its vocabulary")
-  n = visual_tokens[kind]
-  if n >= seq_len:
-    raise ValueError(f"seq_len={seq_len} cannot hold the {n} visual tokens of an {kind} plus text; raise seq_len")
-  return [tokenizer.image_id] * n
-
-
 def tokenize_example(record: dict, tokenizer, seq_len: int, visual_tokens: dict | None = None) -> dict:
   """Unpadded `tokens`, `targets`, `loss_mask` (int32 [n], 1 <= n <= seq_len) of a record.
 
-  Sequence: [bos] + visual placeholders + content + [eos] (bos when the tokenizer has one
-  and the content does not already start with it; eos unless the content already ends
-  with it), truncated to seq_len + 1 and shifted by one. `visual_tokens` maps 'image' /
-  'video' to the number of placeholder tokens the model replaces with visual embeddings.
+  Sequence: [bos] + content + [eos] (bos when the tokenizer has one and the content does not
+  already start with it; eos unless the content already ends with it), truncated to
+  seq_len + 1 and shifted by one. `visual_tokens` maps 'image' / 'video' to (placeholder id,
+  count) of the tokens the model replaces with visual embeddings: a media record's `<image>` /
+  `<video>` marker expands to them in place, or they go first (`mmjax.data.media`).
   """
   ids, mask, eos_mask = _content(record, tokenizer)
-  prefix = _visual_prefix(record, tokenizer, visual_tokens, seq_len)
-  ids, mask = prefix + ids, [0] * len(prefix) + mask
+  ids, mask = media.with_placeholders(record, list(ids), list(mask), tokenizer, visual_tokens, seq_len)
   if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
     ids, mask = [tokenizer.bos_id] + ids, [0] + mask
   if not ids or ids[-1] != tokenizer.eos_id:
     ids, mask = ids + [tokenizer.eos_id], mask + [eos_mask]
   if len(ids) < 2:  # no bos and empty content: give the eos something to be predicted from
     ids, mask = [tokenizer.pad_id] + ids, [0] + mask
+  if media.media_kind(record) is not None:
+    media.check_fits(ids, {media.placeholder(visual_tokens, media.media_kind(record), tokenizer)[0]}, seq_len)
   ids = np.asarray(ids[:seq_len + 1], np.int32)
   mask = np.asarray(mask[:seq_len + 1], np.int32)
   return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": mask[1:]}
@@ -105,10 +83,30 @@ def prompt_ids(record: dict, tokenizer, visual_tokens: dict | None = None, seq_l
     ids = tokenizer.encode_chat_prompt(msgs[:last])
   else:
     raise ValueError("prompt_ids needs a prompt/response or messages record, got a text record")
-  ids = _visual_prefix(record, tokenizer, visual_tokens, seq_len) + list(ids)
+  ids, _ = media.with_placeholders(record, list(ids), [0] * len(ids), tokenizer, visual_tokens, seq_len)
   if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
     ids = [tokenizer.bos_id] + ids
   return ids
+
+
+def question(record: dict) -> str:
+  """The text a record asks (for display): its prompt, or its last user turn before the answer."""
+  if "prompt" in record:
+    return record["prompt"]
+  msgs = record.get("messages", ())
+  last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+  users = [m["content"] for m in msgs[:last] if m["role"] == "user"]
+  return users[-1] if users else record.get("text", "")
+
+
+def reference(record: dict) -> str:
+  """The answer a record expects after `prompt_ids`: its response, or its last assistant turn."""
+  if "response" in record:
+    return record["response"]
+  turns = [m["content"] for m in record.get("messages", ()) if m["role"] == "assistant"]
+  if not turns:
+    raise ValueError(f"record has keys {sorted(record)}; an answer needs a prompt/response or messages record")
+  return turns[-1]
 
 
 def pad_example(example: dict, seq_len: int, pad_id: int) -> dict:
@@ -124,36 +122,19 @@ def pad_example(example: dict, seq_len: int, pad_id: int) -> dict:
 
 
 def tokenize_record(record: dict, tokenizer, seq_len: int, visual_tokens: dict | None = None,
-                    image_size: int = 32) -> dict:
+                    image_size=32, media_fields=None, n_frames: int = 0, fps: float = 0.0) -> dict:
   """A record -> dict of int32 [seq_len] arrays: tokens, targets, loss_mask, segment_ids,
-  positions; plus `images` float32 [H, W, 3] or `frames` [T, H, W, 3] (in [-1, 1]) for media."""
+  positions; plus `images` float32 [H, W, 3] and / or `frames` [T, H, W, 3] for media
+  (`mmjax.data.media.media_arrays`: `image_size` is a `Pixels` or the size of the built-in
+  scaling; `media_fields` the batch's pixel fields, zero-filled when the record lacks one)."""
   out = pad_example(tokenize_example(record, tokenizer, seq_len, visual_tokens), seq_len, tokenizer.pad_id)
-  kind = media_kind(record)
-  if kind == "image":
-    out["images"] = load_image(record["image"], image_size)
-  elif kind == "video":
-    out["frames"] = np.stack([load_image(f, image_size) for f in record["frames"]])
+  out.update(media.media_arrays(record, image_size, media_fields, n_frames, fps))
   return out
 
 
-def load_image(image, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] pixels or an image file path -> float32 [size, size, 3] in [-1, 1]."""
-  if isinstance(image, (str, os.PathLike)):
-    from PIL import Image
-    try:
-      with Image.open(image) as im:
-        image = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC))
-    except (OSError, ValueError) as e:
-      raise ValueError(f"image {image}: cannot be read ({e})") from None
-  image = np.asarray(image)
-  if image.shape[:2] != (size, size):
-    from PIL import Image
-    image = np.asarray(Image.fromarray(image.astype(np.uint8)).resize((size, size), Image.BICUBIC))
-  return (image.astype(np.float32) / 127.5 - 1.0)
-
-
-def _tokenize_padded(record, *, tokenizer, seq_len, visual_tokens=None, image_size=32):
-  return tokenize_record(record, tokenizer, seq_len, visual_tokens, image_size)
+def _tokenize_padded(record, *, tokenizer, seq_len, visual_tokens=None, image_size=32, media_fields=None,
+                     n_frames=0, fps=0.0):
+  return tokenize_record(record, tokenizer, seq_len, visual_tokens, image_size, media_fields, n_frames, fps)
 
 
 def _tokenize_unpadded(record, *, tokenizer, seq_len):
@@ -197,13 +178,22 @@ def local_batch(global_batch: int, process_index: int, process_count: int) -> in
   return global_batch // process_count
 
 
+def record_fn(data_cfg, *, tokenizer, seq_len: int, visual_tokens=None, media_fields=None):
+  """record -> padded batch row (`tokenize_record`) with the data's pixel preprocessing
+  (`mmjax.data.pixels.for_data`) and video sampling (`data.video_frames`, `data.video_fps`)."""
+  return functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len, visual_tokens=visual_tokens,
+                           image_size=pixels.for_data(data_cfg), media_fields=media_fields,
+                           n_frames=data_cfg.video_frames, fps=data_cfg.video_fps)
+
+
 def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, tokenizer,
                        process_index: int = 0, process_count: int = 1,
-                       visual_tokens: dict | None = None, example_fn=None) -> grain.IterDataset:
+                       visual_tokens: dict | None = None, example_fn=None, media_fields=None) -> grain.IterDataset:
   """The infinite train `IterDataset` of local batches (see the module docstring).
 
   `example_fn(record) -> dict of arrays` replaces the tokenizing of records (an objective
-  with other batch fields, e.g. ViSFT's images and detection targets)."""
+  with other batch fields, e.g. ViSFT's images and detection targets); `media_fields` are
+  the batch's pixel fields (every row gets each, zeros where a record has none)."""
   catalog.validate_data_config(data_cfg)
   local = local_batch(global_batch, process_index, process_count)
   seed = int(seed) % 2**32
@@ -225,8 +215,8 @@ def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, 
         padding_struct={"tokens": tokenizer.pad_id, "targets": tokenizer.pad_id, "loss_mask": 0})
     it = it.map(_from_packed).batch(local, drop_remainder=True)
   else:
-    ds = ds.map(functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len,
-                                  visual_tokens=visual_tokens, image_size=data_cfg.image_size))
+    ds = ds.map(record_fn(data_cfg, tokenizer=tokenizer, seq_len=seq_len, visual_tokens=visual_tokens,
+                          media_fields=media_fields))
     it = ds.batch(local, drop_remainder=True).to_iter_dataset(read)
   if data_cfg.worker_count > 0:
     from absl import flags  # Grain workers read absl flags; outside absl.app nobody parsed them
@@ -239,13 +229,14 @@ def make_train_dataset(data_cfg, *, global_batch: int, seq_len: int, seed: int, 
 
 def make_train_iterator(data_cfg, *, global_batch: int, seq_len: int, seed: int, tokenizer,
                         process_index: int = 0, process_count: int = 1,
-                        visual_tokens: dict | None = None, example_fn=None) -> grain.DatasetIterator:
+                        visual_tokens: dict | None = None, example_fn=None,
+                        media_fields=None) -> grain.DatasetIterator:
   """An endless iterator of local batches (dicts of int32 [global_batch // process_count,
   seq_len] arrays) with `get_state()` / `set_state()` for exact resume."""
   return iter(make_train_dataset(data_cfg, global_batch=global_batch, seq_len=seq_len, seed=seed,
                                  tokenizer=tokenizer, process_index=process_index,
                                  process_count=process_count, visual_tokens=visual_tokens,
-                                 example_fn=example_fn))
+                                 example_fn=example_fn, media_fields=media_fields))
 
 
 def _blank(example: dict) -> dict:
@@ -255,7 +246,7 @@ def _blank(example: dict) -> dict:
 def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
                       process_index: int = 0, process_count: int = 1,
                       visual_tokens: dict | None = None, example_fn=None, blank=None,
-                      limit: int = 0) -> list[dict]:
+                      limit: int = 0, media_fields=None) -> list[dict]:
   """Every eval record once (the first `limit` when > 0), in order, as local batches of
   `batch // process_count` rows.
 
@@ -269,8 +260,8 @@ def make_eval_batches(data_cfg, *, batch: int, seq_len: int, tokenizer,
   source = catalog.open_source(data_cfg, "eval")
   if source is None:
     return []
-  fn = example_fn or functools.partial(_tokenize_padded, tokenizer=tokenizer, seq_len=seq_len,
-                                       visual_tokens=visual_tokens, image_size=data_cfg.image_size)
+  fn = example_fn or record_fn(data_cfg, tokenizer=tokenizer, seq_len=seq_len, visual_tokens=visual_tokens,
+                               media_fields=media_fields)
   ds = grain.MapDataset.source(source)
   if limit:
     ds = ds[:limit]

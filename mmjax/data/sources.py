@@ -31,17 +31,29 @@ class RecordError(ValueError):
 
 
 def to_record(raw, where: str, text_key="text", prompt_key="prompt", response_key="response",
-              image_key="image", base_dir: str | None = None) -> dict:
-  """Maps a raw dict onto one of the three record formats; `where` names it in errors.
+              image_key="image", base_dir: str | None = None, media_root: str | None = None) -> dict:
+  """Maps a raw dict onto one of the record formats; `where` names it in errors.
 
   A record may carry media under `image_key`: an image file path (relative paths are taken
-  from `base_dir`, the data file's directory), uint8 pixels [H, W, 3] (TFDS images), an
-  encoded array (shapes ArrayRecord files; their videos under `frames`), or a list of paths
-  or pixels (the frames of a video); it comes out as `image` (one) or `frames` (a list).
+  from `media_root`, else `base_dir`, the data file's directory), uint8 pixels [H, W, 3]
+  (TFDS images), an encoded array (shapes ArrayRecord files; their videos under `frames`),
+  or a list of paths or pixels (the frames of a video); it comes out as `image` (one) or
+  `frames` (a list). A `video` file path (mp4, webm, avi, mkv, ...) comes out as `video`.
+  LLaVA-format `conversations` ([{"from": "human" | "gpt" | "system", "value": ...}]) become
+  `messages`; `<image>` / `<video>` in the text mark where the media go.
   """
   if not isinstance(raw, dict):
     raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+  base_dir = media_root or base_dir
   out = _text_record(raw, where, text_key, prompt_key, response_key)
+  if raw.get("video") is not None:
+    video = raw["video"]
+    if not isinstance(video, str) or not video:
+      raise RecordError(f"{where}: 'video' must be a video file path, got {video!r:.60}")
+    path = video if os.path.isabs(video) or base_dir is None else os.path.join(base_dir, video)
+    if not os.path.isfile(path):
+      raise RecordError(f"{where}: 'video' names {path}, which does not exist")
+    out["video"] = path
   for key in (image_key, "frames"):  # "frames": the encoded videos of shapes ArrayRecord files
     media = raw.get(key) if key else None
     if media is None:
@@ -85,7 +97,28 @@ def _media(value, where, key, base_dir):
   return arr[..., :3].astype(np.uint8)
 
 
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _conversation(raw, where) -> dict:
+  """A LLaVA-format record's `conversations` as `messages`."""
+  turns = raw["conversations"]
+  if not isinstance(turns, list) or not turns:
+    raise RecordError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} turns")
+  msgs = []
+  for i, t in enumerate(turns):
+    if not isinstance(t, dict) or t.get("from") not in _ROLES or not isinstance(t.get("value"), str):
+      raise RecordError(f"{where}: conversations[{i}] must be {{'from': one of {', '.join(_ROLES)}, "
+                        f"'value': str}}, got {t!r:.80}")
+    msgs.append({"role": _ROLES[t["from"]], "content": t["value"]})
+  if not any(m["role"] == "assistant" for m in msgs):
+    raise RecordError(f"{where}: 'conversations' has no 'gpt' turn to learn from")
+  return {"messages": msgs}
+
+
 def _text_record(raw, where, text_key, prompt_key, response_key) -> dict:
+  if "conversations" in raw:
+    return _conversation(raw, where)
   if "messages" in raw:
     msgs = raw["messages"]
     ok = isinstance(msgs, list) and msgs and all(
@@ -105,7 +138,7 @@ def _text_record(raw, where, text_key, prompt_key, response_key) -> dict:
       raise RecordError(f"{where}: {text_key!r} must be a string")
     return {"text": t}
   raise RecordError(f"{where}: record has keys {sorted(raw)[:8]}; expected {text_key!r}, or "
-                    f"{prompt_key!r} and {response_key!r}, or 'messages'")
+                    f"{prompt_key!r} and {response_key!r}, or 'messages', or 'conversations'")
 
 
 def _as_str(value):
@@ -137,10 +170,11 @@ def expand_paths(spec: str, what: str = "path") -> list[str]:
 
 
 class JsonlSource:
-  """Lines of one or more JSONL files; offsets are indexed once, lines parsed on access.
+  """Lines of one or more JSONL files, offsets indexed once, lines parsed on access; and
+  `.json` files holding one list of records (LLaVA's format, read whole when opened).
 
   Blank lines are skipped. A bad line raises `RecordError` naming the file and line number
-  when it is read.
+  (for a `.json` list: the file and the record's index) when it is read.
   """
 
   _CHUNK = 1 << 24
@@ -148,9 +182,15 @@ class JsonlSource:
   def __init__(self, paths, **keys):
     self.paths = expand_paths(paths, "JSONL file") if isinstance(paths, str) else list(paths)
     self.keys = keys
+    self._lists = {}  # file number -> the records of a .json list file
     starts, ends, lines, files = [], [], [], []
     for f, path in enumerate(self.paths):
-      s, e, n = self._index(path)
+      if path.endswith(".json"):
+        self._lists[f] = self._read_list(path)
+        s = np.arange(len(self._lists[f]), dtype=np.int64)
+        e, n = np.full_like(s, -1), s
+      else:
+        s, e, n = self._index(path)
       starts.append(s), ends.append(e), lines.append(n), files.append(np.full(len(s), f, np.int32))
     self._starts, self._ends = np.concatenate(starts), np.concatenate(ends)
     self._lines, self._files = np.concatenate(lines), np.concatenate(files)
@@ -171,19 +211,33 @@ class JsonlSource:
     keep = ends - starts > 0
     return starts[keep], ends[keep], numbers[keep]
 
+  @staticmethod
+  def _read_list(path):
+    with open(path, "rb") as f:
+      try:
+        items = json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(items, list):
+      raise RecordError(f"{path}: a .json data file must hold a list of records, got {type(items).__name__}")
+    return items
+
   def __len__(self):
     return len(self._starts)
 
   def __getitem__(self, index):
     index = int(index)
     f, start, end = int(self._files[index]), int(self._starts[index]), int(self._ends[index])
+    base_dir = os.path.dirname(os.path.abspath(self.paths[f]))
+    if end < 0:  # an item of a .json list
+      return to_record(self._lists[f][start], f"{self.paths[f]} record {start}", base_dir=base_dir, **self.keys)
     where = f"{self.paths[f]}:{int(self._lines[index])}"
     raw = os.pread(self._fds.get(f), end - start, start)  # thread-safe, no shared seek position
     try:
       obj = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise RecordError(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
-    return to_record(obj, where, base_dir=os.path.dirname(os.path.abspath(self.paths[f])), **self.keys)
+    return to_record(obj, where, base_dir=base_dir, **self.keys)
 
   def __repr__(self):
     return f"JsonlSource({self.paths}, n={len(self)})"

@@ -3,7 +3,7 @@ local Hugging Face tokenizer dir.
 
 Both expose one interface:
 
-  encode(text) -> list[int]              no special tokens
+  encode(text) -> list[int]              no special tokens; `<image>` / `<video>` -> image_id / video_id
   decode(ids) -> str                     special tokens dropped
   encode_chat(messages) -> (ids, mask)   mask = 1 on assistant-turn tokens
   encode_chat_prompt(messages) -> ids    what precedes the next assistant turn (sampling)
@@ -60,15 +60,23 @@ class BuiltinTokenizer:
 
   SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", "<sep>", "<image>")
   CHARS = string.digits + string.ascii_lowercase + " =+-:,.>|?!'()\n"
+  MARKERS = re.compile(r"(<image>|<video>)")  # media markers in text: both encode to the placeholder
 
   def __init__(self):
     self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.sep_id, self.image_id = range(len(self.SPECIALS))
+    self.video_id = self.image_id  # one placeholder for images and videos
     self._to_id = {c: i + len(self.SPECIALS) for i, c in enumerate(self.CHARS)}
     self._to_char = {i: c for c, i in self._to_id.items()}
     self.vocab_size = len(self.SPECIALS) + len(self.CHARS)
     self.chat_template = None
 
   def encode(self, text: str) -> list[int]:
+    ids = []
+    for i, part in enumerate(self.MARKERS.split(text)):  # odd parts are markers
+      ids += [self.image_id] if i % 2 else self._encode_text(part)
+    return ids
+
+  def _encode_text(self, text: str) -> list[int]:
     return [self._to_id.get(c, self.unk_id) for c in text]
 
   def decode(self, ids) -> str:
@@ -114,11 +122,11 @@ class BuiltinWordTokenizer(BuiltinTokenizer):
 
   _PIECE = re.compile(r" ?[a-z]+|.", re.S)
 
-  def encode(self, text: str) -> list[int]:
+  def _encode_text(self, text: str) -> list[int]:
     ids = []
     for piece in self._PIECE.findall(text):
       i = self._word_to_id.get(piece)
-      ids += [i] if i is not None else super().encode(piece)
+      ids += [i] if i is not None else super()._encode_text(piece)
     return ids
 
   def decode(self, ids) -> str:
@@ -186,8 +194,9 @@ class HFTokenizer:
     pad = self._id(self.special_tokens["pad_token"])
     self.pad_id = self.eos_id if pad is None else pad  # padding is masked out, any id works
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    # Placeholder for visual tokens in VLM inputs (LLaVA convention); None if the vocabulary has none.
+    # Placeholders of visual tokens in VLM inputs (LLaVA convention); None if the vocabulary has none.
     self.image_id = self._id(cfg.get("image_token") if isinstance(cfg.get("image_token"), str) else "<image>")
+    self.video_id = self._id(cfg.get("video_token") if isinstance(cfg.get("video_token"), str) else "<video>")
     self.chat_template = self._read_chat_template(cfg)
     self._template = None
 

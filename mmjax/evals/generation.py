@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from mmjax import sample
-from mmjax.data import catalog, pipeline
+from mmjax.data import catalog, media, pipeline, pixels
 from mmjax.evals import captions
 
 
@@ -32,27 +32,23 @@ def generate_answers(run, variables, records, tokenizer, *, max_new_tokens: int,
   """Answers (text up to eos) to each record's prompt, images/frames included: greedy, or
   sampled at `temperature` (chunk i draws with `rng` folded with i)."""
   out = []
-  image_size = run.config.data.image_size
+  data = run.config.data
+  px, fields = pixels.for_data(data), tuple(run.objective.media)
   for i, (chunk, n_real) in enumerate(pipeline.fixed_chunks(records, batch)):  # one compiled sampler
     prompts = [pipeline.prompt_ids(r, tokenizer, run.visual_tokens, run.config.seq_len) for r in chunk]
-    media = {}
-    kind = pipeline.media_kind(chunk[0])
-    if kind == "image":
-      media["images"] = np.stack([pipeline.load_image(r["image"], image_size) for r in chunk])
-    elif kind == "video":
-      media["frames"] = np.stack([np.stack([pipeline.load_image(f, image_size) for f in r["frames"]])
-                                  for r in chunk])
+    rows = [media.media_arrays(r, px, fields, data.video_frames, data.video_fps) for r in chunk] if fields else []
+    pixel_batch = {k: np.stack([r[k] for r in rows]) for k in fields}
     key = None if rng is None else jax.random.fold_in(rng, i)
     tokens, _ = sample.generate(run.model, variables, prompts, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_k=top_k, rng=key, stop_tokens=(tokenizer.eos_id,),
-                                pad_id=tokenizer.pad_id, prompt_len=run.config.seq_len, **media)
+                                pad_id=tokenizer.pad_id, prompt_len=run.config.seq_len, **pixel_batch)
     out += [_answer(tokenizer, t) for t in np.asarray(tokens)[:n_real]]
   return out
 
 
 def score(records, answers) -> dict:
   """exact_match over all records, plus aggregated caption metrics for caption records."""
-  exact = [float(a.strip() == r["response"].strip()) for r, a in zip(records, answers)]
+  exact = [float(a.strip() == pipeline.reference(r).strip()) for r, a in zip(records, answers)]
   out = {"gen_exact_match": float(np.mean(exact)) if exact else 0.0}
   by_skill = {}  # shapes questions: exact match per question kind
   for r, e in zip(records, exact):

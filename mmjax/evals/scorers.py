@@ -2,6 +2,7 @@
 lower is better (`config.dpo.scorer` names one)."""
 from __future__ import annotations
 
+from mmjax.data import pipeline
 from mmjax.evals import captions
 
 
@@ -14,13 +15,13 @@ def shapes_caption_score(record: dict, answer: str) -> float:
 
 def exact_match_score(record: dict, answer: str) -> float:
   """0 when the answer equals the reference response, else 1."""
-  return float(answer.strip() != record["response"].strip())
+  return float(answer.strip() != pipeline.reference(record).strip())
 
 
 def edit_distance_score(record: dict, answer: str) -> float:
   """Levenshtein distance between the answer and the reference response, in characters,
   divided by the reference length (for text tasks such as the generated ones)."""
-  a, b = answer.strip(), record["response"].strip()
+  a, b = answer.strip(), pipeline.reference(record).strip()
   prev = list(range(len(b) + 1))
   for i, ca in enumerate(a, 1):
     cur = [i]

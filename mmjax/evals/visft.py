@@ -22,7 +22,7 @@ import numpy as np
 
 from mmjax import boxes as det
 from mmjax import sharding
-from mmjax.data import catalog, pipeline
+from mmjax.data import catalog, media, pipeline
 from mmjax.evals import captions, features, probes
 from mmjax.evals import detection as det_eval
 from mmjax.models import heads
@@ -123,7 +123,7 @@ def probe_metrics(run, variables) -> dict:
   test = catalog.records(data, "eval", v.probe_eval_examples)
   if not train or not test:
     return {}
-  load = lambda recs: np.stack([pipeline.load_image(r["image"], data.image_size) for r in recs])
+  load = lambda recs: np.stack([media.load_image(r["image"], data.image_size) for r in recs])
   xtr = features.tower_features(run, variables, load(train), config.eval_batch_size)
   xte = features.tower_features(run, variables, load(test), config.eval_batch_size)
   count = lambda recs: np.asarray([len(r["classes"]) for r in recs])

@@ -1,16 +1,25 @@
 """The 'vlm' family: a ViT tower, a projector and a LLaMA-style decoder (`mmjax.models.vlm`).
 
-Owns `config.vlm` (how the tower feeds the decoder); the tower comes from `config.vision` or
-`config.init_vision_from_hf` (`mmjax.families.tower`), the decoder from `config.model` or
-`config.init_from_hf` (`mmjax.families.decoder`); imported parts replace the seeded random
-init of those parts. Its batches carry the pixels the data source gives (`images` or
-`frames`, `mmjax.data.catalog.media_fields`). No Hugging Face export yet.
+Owns `config.vlm` (how the tower feeds the decoder). Either the whole model comes from a
+Hugging Face LLaVA / Video-LLaVA directory (`config.init_from_hf`; its config.json sets the
+towers, projector, language model and placeholder ids, the run config keeps the numerics,
+`mmjax.convert.vlm`), or the tower comes from `config.vision` / `config.init_vision_from_hf`
+(`mmjax.families.tower`) and the decoder from `config.model` / `config.init_from_hf` of a
+LLaMA directory (`mmjax.families.decoder`), imported parts replacing the seeded random init
+of those parts. Its batches carry the pixels the data gives (`images` and / or `frames`,
+`mmjax.data.catalog.media_fields`). The finished run is written to WORKDIR/model (an mmjax
+VLM directory that `tools/convert_hf.py export` turns into LLaVA / Video-LLaVA).
 """
 from __future__ import annotations
+
+import dataclasses
+import os
 
 import ml_collections
 
 from mmjax.config.core import ConfigError, check_choice
+from mmjax.convert import vlm as convert_vlm
+from mmjax.convert.common import read_json
 from mmjax.data import catalog
 from mmjax.families import base, decoder, tower
 from mmjax.models import vlm
@@ -43,22 +52,60 @@ def validate(config, env) -> None:
   check_choice("vlm.projector", config.vlm.projector, PROJECTORS)
   check_choice("vlm.feature", config.vlm.feature, FEATURES)
   decoder.validate_shapes(config)
+  if hf_vlm(config) is not None and config.init_vision_from_hf:
+    raise ConfigError(f"config.init_from_hf={config.init_from_hf!r} is a whole VLM (its towers included); "
+                      f"leave config.init_vision_from_hf empty (it is {config.init_vision_from_hf!r})")
+
+
+def hf_vlm(config) -> dict | None:
+  """The config.json of `config.init_from_hf` when it is a LLaVA / Video-LLaVA directory."""
+  if not config.init_from_hf:
+    return None
+  try:
+    hf = read_json(config.init_from_hf, "config.json")
+  except ValueError as e:
+    raise ConfigError(f"config.init_from_hf={config.init_from_hf!r}: {e}") from None
+  return hf if convert_vlm.is_vlm(hf) else None
+
+
+def hf_vlm_config(config, hf: dict) -> vlm.VLMConfig:
+  """The VLM of a Hugging Face directory with the run's numerics and LoRA scale."""
+  try:
+    cfg = convert_vlm.vlm_config_from_hf(hf)
+  except ValueError as e:
+    raise ConfigError(f"config.init_from_hf={config.init_from_hf!r}: {e}") from None
+  return dataclasses.replace(cfg, vision=decoder.with_run_numerics(cfg.vision, config.vision, config),
+                             llm=decoder.with_run_numerics(cfg.llm, config.model, config))
+
+
+def _check_placeholders(config, tokenizer, cfg) -> None:
+  for kind, want in (("image", cfg.image_token_id), ("video", cfg.video_token_id)):
+    got = getattr(tokenizer, f"{kind}_id", None)
+    if want is not None and got != want:
+      raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} maps <{kind}> to {got}, but the model's "
+                        f"{kind} placeholder is {want}; use the model directory's own tokenizer")
 
 
 class VLMFamily(base.Family):
 
   def build(self, config, tokenizer):
-    if getattr(tokenizer, "image_id", None) is None:
-      raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} has no '<image>' token, which a VLM needs")
-    x = config.vlm
-    cfg = vlm.VLMConfig(
-        vision=tower.vit_config(config), llm=decoder.decoder_config(config, tokenizer),
-        projector=x.projector, projector_hidden=x.projector_hidden or None, image_token_id=tokenizer.image_id,
-        max_frames=x.max_frames, temporal_pool=x.temporal_pool, feature=x.feature, feature_layer=x.feature_layer)
+    hf = hf_vlm(config)
+    if hf is not None:
+      cfg = hf_vlm_config(config, hf)
+      _check_placeholders(config, tokenizer, cfg)
+    else:
+      if getattr(tokenizer, "image_id", None) is None:
+        raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} has no '<image>' token, which a VLM needs")
+      x = config.vlm
+      cfg = vlm.VLMConfig(
+          vision=tower.vit_config(config), llm=decoder.decoder_config(config, tokenizer),
+          projector=x.projector, projector_hidden=x.projector_hidden or None, image_token_id=tokenizer.image_id,
+          max_frames=x.max_frames, temporal_pool=x.temporal_pool, feature=x.feature, feature_layer=x.feature_layer)
     size = config.data.image_size
-    visual = {"image": vlm.num_visual_tokens(cfg, "image", image_size=size)}
+    visual = {"image": (cfg.image_token_id, vlm.num_visual_tokens(cfg, "image", image_size=size))}
     if cfg.max_frames:
-      visual["video"] = vlm.num_visual_tokens(cfg, "video", n_frames=config.data.video_frames, image_size=size)
+      n = vlm.num_visual_tokens(cfg, "video", n_frames=config.data.video_frames, image_size=size)
+      visual["video"] = (cfg.video_token_id if cfg.video_token_id is not None else cfg.image_token_id, n)
     return vlm.VLM(cfg), cfg, visual
 
   def media_fields(self, config):
@@ -69,12 +116,31 @@ class VLMFamily(base.Family):
                                self.media_fields(config))
 
   def hf_parts(self, config) -> dict:
+    if hf_vlm(config) is not None:
+      return {None: _import_whole}
     parts = {}
     if config.init_from_hf:
       parts["llm"] = decoder.import_decoder
     if config.init_vision_from_hf:
       parts["vision"] = tower.import_tower
     return parts
+
+
+  def export(self, workdir, config, run, state):
+    path = os.path.join(workdir, "model")
+    if os.path.exists(os.path.join(path, "params")):
+      return  # a finished run re-started keeps its first export
+    hf = hf_vlm(config)
+    arch = convert_vlm.architecture_of(hf) if hf is not None else None
+    variables = state.variables
+    convert_vlm.save_dir(path, run.model_cfg, variables["params"], variables.get("lora"), hf_architecture=arch,
+                         hf_config=hf, hf_dir=config.init_from_hf or None)
+
+
+def _import_whole(config, mesh, rules) -> dict:
+  cfg = hf_vlm_config(config, hf_vlm(config))
+  _, params = convert_vlm.import_hf_vlm(config.init_from_hf, mesh=mesh, rules=rules, cfg=cfg)
+  return params
 
 
 FAMILY = VLMFamily()

@@ -95,7 +95,7 @@ class Objective:
     return pipeline.make_train_iterator(
         data_cfg, global_batch=c.batch_size, seq_len=c.seq_len, seed=c.seed, process_index=ctx.process_index,
         process_count=ctx.process_count, tokenizer=ctx.tokenizer, visual_tokens=ctx.visual_tokens,
-        example_fn=self.example_fns(c, ctx.tokenizer).get("example_fn"))
+        example_fn=self.example_fns(c, ctx.tokenizer).get("example_fn"), media_fields=self.media)
 
   def eval_batches(self, ctx: DataContext) -> list[dict]:
     """The held-out batches the loss metrics are averaged over ([] = none)."""
@@ -103,7 +103,7 @@ class Objective:
     return pipeline.make_eval_batches(
         c.data, batch=c.eval_batch_size, seq_len=c.seq_len, tokenizer=ctx.tokenizer,
         process_index=ctx.process_index, process_count=ctx.process_count, visual_tokens=ctx.visual_tokens,
-        **self.example_fns(c, ctx.tokenizer))
+        media_fields=self.media, **self.example_fns(c, ctx.tokenizer))
 
   # -- evaluation ----------------------------------------------------------------------------
   def extra_eval(self, run, variables: dict, tokenizer) -> dict:

@@ -241,7 +241,8 @@ class DPO(base.Objective):
     path = ctx.prepared.get("pairs") or c.data.train_path
     return pairs_lib.make_train_iterator(path, c, tokenizer=ctx.tokenizer, visual_tokens=ctx.visual_tokens,
                                          process_index=ctx.process_index, process_count=ctx.process_count,
-                                         gt=self.gt_weight > 0, need_ref=self.reference == "precomputed")
+                                         gt=self.gt_weight > 0, need_ref=self.reference == "precomputed",
+                                         media_fields=self.media)
 
   def eval_batches(self, ctx):
     return []  # DPO stages are scored by generation (`sample_eval`)

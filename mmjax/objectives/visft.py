@@ -39,7 +39,7 @@ from flax import linen as nn
 from mmjax import boxes as det
 from mmjax import losses
 from mmjax.config.core import ConfigError
-from mmjax.data import pipeline
+from mmjax.data import media
 from mmjax.evals import visft as visft_eval
 from mmjax.objectives import base
 
@@ -138,7 +138,7 @@ def example_fn(cfg, *, tokenizer, seq_len: int, image_size: int, max_objects: in
     if src_hw != (image_size, image_size):  # boxes and masks are in the source image's pixels
       raise ValueError(f"visft: record {record.get('index')} has a {src_hw} image; data.image_size={image_size} "
                        "needs the source to render or resize its images (and boxes) to that size")
-    out = {"images": pipeline.load_image(record["image"], image_size)}
+    out = {"images": media.load_image(record["image"], image_size)}
     ex = dict(record)
     if cfg.segmentation is None:
       ex.pop("masks", None)

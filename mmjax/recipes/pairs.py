@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from mmjax.config.core import ConfigError, derive
-from mmjax.data import catalog, pipeline
+from mmjax.data import catalog, pipeline, pixels
 from mmjax.data import pairs as pairs_lib
 from mmjax.evals import generation, scorers
 from mmjax.files import jsonl
@@ -68,7 +68,7 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
     if scores[best] == scores[worst] or answers[best] == answers[worst]:
       continue
     pairs.append({"id": f"{label}/{i}", "index": i, "prompt": r["prompt"], "chosen": answers[best],
-                  "rejected": answers[worst], "ground_truth": r["response"],
+                  "rejected": answers[worst], "ground_truth": pipeline.reference(r),
                   "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores}})
   if not pairs:
     raise AllTiesError(
@@ -85,9 +85,10 @@ def precompute_reference(run, variables, pairs, tokenizer, batch: int) -> list[d
   fn = jax.jit(lambda v, b: objective.sequence_logps(v, b))
   out = []
   for rows, n_real in pipeline.fixed_chunks([source[i] for i in range(len(pairs))], batch):
-    ex = [pairs_lib.tokenize_pair(r, tokenizer=tokenizer, seq_len=run.config.seq_len,
-                                  visual_tokens=run.visual_tokens, image_size=run.config.data.image_size)
-          for r in rows]
+    d = run.config.data
+    ex = [pairs_lib.tokenize_pair(r, tokenizer=tokenizer, seq_len=run.config.seq_len, visual_tokens=run.visual_tokens,
+                                  image_size=pixels.for_data(d), media_fields=run.objective.media,
+                                  n_frames=d.video_frames, fps=d.video_fps) for r in rows]
     b = {k: np.stack([e[k] for e in ex]) for k in ex[0] if not k.startswith("gt_")}
     rc, rr = jax.device_get(fn(variables, b))
     for j in range(n_real):

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.config.core import ConfigError, derive
-from mmjax.data import catalog, pipeline, shapes
+from mmjax.data import catalog, media, pixels, shapes
 from mmjax.evals import features, generation
 from mmjax.recipes import kinds
 from mmjax.select import gaps, retrieve, teachers
@@ -99,20 +99,21 @@ def pool_data(config) -> ml_collections.ConfigDict:
 def embed(run, variables, records, batch: int = 256) -> np.ndarray:
   """The student's embedding of each record: mean vision-tower tokens of its image, or of
   all its frames (float32 [N, D_vision], `mmjax.evals.features`); one media kind per batch."""
-  size = run.config.data.image_size
+  data = run.config.data
+  px = pixels.for_data(data)
   by_kind = collections.defaultdict(list)
   for i, r in enumerate(records):
-    by_kind[pipeline.media_kind(r)].append(i)
+    by_kind[media.media_kind(r)].append(i)
   if None in by_kind:
     raise ValueError(f"selection pool record {records[by_kind[None][0]].get('index')} has no image or frames "
                      "to embed; use select.mix=0 (skill tags only) for text records")
   out = np.zeros((len(records), run.model_cfg.vision.d_model), np.float32)
   for kind, idx in by_kind.items():
     if kind == "image":
-      px = np.stack([pipeline.load_image(records[i]["image"], size) for i in idx])
+      images = np.stack([px(records[i]["image"]) for i in idx])
     else:
-      px = np.stack([np.stack([pipeline.load_image(f, size) for f in records[i]["frames"]]) for i in idx])
-    out[idx] = features.tower_features(run, variables, px, batch)
+      images = np.stack([media.load_frames(records[i], px, data.video_frames, data.video_fps) for i in idx])
+    out[idx] = features.tower_features(run, variables, images, batch)
   return out
 def _model_teacher(run, teacher_variables, student_variables, tokenizer):
   def answer_fn(variables):

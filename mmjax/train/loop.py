@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import lora as lora_lib
+from mmjax.data import pipeline
 from mmjax.evals import generation
 from mmjax.objectives.base import DataContext
 from mmjax.train import checkpoint as ckpt_lib
@@ -174,7 +175,7 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
         writer.line(_before_after(summary["eval_before"], summary["eval_after"], start,
                                   int(jax.device_get(state.step))))
       for r, a in list(zip(gen_records, answers))[:config.sample_eval.show]:
-        writer.line(f"{prefix}prompt: {r['prompt']!r}\n  truth: {r['response']!r}\n  model: {a!r}")
+        writer.line(f"{prefix}prompt: {pipeline.question(r)!r}\n  truth: {pipeline.reference(r)!r}\n  model: {a!r}")
       summary["answers"] = answers
     summary["train"] = last
     summary["state"] = state
