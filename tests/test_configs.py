@@ -80,3 +80,49 @@ def test_parse_arg():
   assert (a.steps, a.task, a.flag) == (5, "add", True)
   with pytest.raises(core.ConfigError, match="unknown"):
     core.parse_arg("nope=1", steps=1)
+
+
+CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+              "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+              "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768}
+LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064, "rms_norm_eps": 1e-5,
+             "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": False}
+LLAVA_15_7B = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
+               "image_seq_length": 576, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+               "vision_feature_select_strategy": "default", "vision_config": CLIP_L_336, "text_config": LLAMA2_7B}
+VIDEO_LLAVA_7B = {"architectures": ["VideoLlavaForConditionalGeneration"], "model_type": "video_llava",
+                  "image_token_index": 32000, "video_token_index": 32001, "image_seq_length": 256,
+                  "video_seq_length": 2056, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+                  "vision_feature_select_strategy": "default",
+                  "vision_config": dict(CLIP_L_336, image_size=224), "text_config": LLAMA2_7B}
+
+
+@pytest.mark.parametrize("name,hf_config,arg,n_params", [
+    ("llava_mrdpo.py", LLAVA_15_7B, "data=/data/d.json,eval=/data/e.json", 7.06e9),
+    ("videollava_directed.py", VIDEO_LLAVA_7B, "images=/data/i.json,videos=/data/v.json,text=/data/t.jsonl", 7.36e9),
+])
+def test_vlm_configs_on_8_devices_abstractly(tmp_path, name, hf_config, arg, n_params):
+  """The 7B VLM configs: validated for 8 devices, every stage's state built abstractly (no
+  weights allocated) with bf16 weights split over fsdp=8 and the batch arithmetic checked."""
+  import json
+  import types
+  from mmjax.config.core import stage_config
+  json.dump(hf_config, open(tmp_path / "config.json", "w"))
+  _, config = load(os.path.join(ROOT, "configs", name), f"hf={tmp_path},{arg}")
+  schema.validate(config, n_devices=8)
+  tok = types.SimpleNamespace(vocab_size=32064, image_id=32000, video_id=hf_config.get("video_token_index"))
+  mesh = sharding.make_mesh(config.mesh, jax.devices())
+  for stage in (config.stage_order or ("",)):
+    cfg = stage_config(config, stage) if stage else config
+    run = run_lib.build(cfg, mesh, tok)
+    frozen = run.abstract_state.frozen["params"]
+    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
+    assert abs(n_base - n_params) / n_params < 0.01, (stage, n_base)
+    per_device = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                     for x in jax.tree.leaves(run.abstract_state))
+    assert per_device < 2.2e9, (stage, per_device)  # ~14-15 GB of bf16 weights over 8 devices plus adapters
+    q = frozen["llm"]["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert q.dtype == jax.numpy.bfloat16 and q.sharding.spec[0] == "fsdp"
+    assert cfg.batch_size % (8 * cfg.grad_accum) == 0
+  assert run.visual_tokens["image"] == (32000, 576 if name == "llava_mrdpo.py" else 256)

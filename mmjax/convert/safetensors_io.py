@@ -1,8 +1,10 @@
 """Safetensors checkpoints read and written one tensor at a time.
 
-Reading goes through the `safetensors` library's numpy API (memory-mapped; `get_slice`
-reads only the requested part of a tensor; bf16 comes back as `ml_dtypes.bfloat16`).
-Writing streams: the header is computed from shapes and dtypes alone, then each tensor
+Reading parses the safetensors header itself and reads each requested part of a tensor with
+`os.pread` into a fresh buffer (the rows its leading-axis slice spans; later axes are sliced
+in memory): nothing is memory-mapped, so a process's resident memory holds only the tensor
+being placed, not the pages of a file it has read (bf16 comes back as `ml_dtypes.bfloat16`).
+A header or data region that does not fit the file is a one-line ValueError. Writing streams: the header is computed from shapes and dtypes alone, then each tensor
 is materialised on the host, written and dropped, so a host never holds the whole model.
 
 Directory layouts, as Hugging Face writes them:
@@ -19,7 +21,6 @@ from typing import Callable, Iterable, NamedTuple
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 from mmjax.files import atomic_write
 
@@ -45,39 +46,80 @@ class TensorInfo(NamedTuple):
   shape: tuple[int, ...]
   dtype: str  # safetensors code, e.g. 'BF16'
   file: str
+  start: int = 0  # absolute byte offset of the data in `file`
+  end: int = 0
+
+
+def read_header(file: str) -> dict[str, TensorInfo]:
+  """The tensors of one safetensors file (name -> shape, dtype, byte range); a one-line
+  ValueError when the file is not a whole safetensors file."""
+  size = os.path.getsize(file)
+  with open(file, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise ValueError(f"{file} is not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8 or n > 100 * 2**20:
+      raise ValueError(f"{file} is truncated or not a safetensors file (a {n}-byte header in {size} bytes)")
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{file} has an unreadable safetensors header ({e})") from None
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      start, end = (8 + n + int(x) for x in info["data_offsets"])
+      shape, code = tuple(int(d) for d in info["shape"]), str(info["dtype"])
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{file}: tensor {name!r} has a malformed header entry") from None
+    if code not in _CODES:
+      raise ValueError(f"{file}: tensor {name!r} has dtype {code}; supported: {', '.join(_CODES)}")
+    if end - start != math.prod(shape) * _CODES[code].itemsize or end > size:
+      raise ValueError(f"{file} is truncated: tensor {name!r} needs bytes {start}-{end} of a {size}-byte file")
+    out[name] = TensorInfo(shape, code, file, start, end)
+  return out
 
 
 class Reader:
-  """All tensors of a (possibly sharded) safetensors checkpoint, opened lazily.
+  """All tensors of a (possibly sharded) safetensors checkpoint, read on demand.
 
   `read(name, index)` returns a numpy array of `tensor[index]` (index: tuple of slices in
-  the file's layout), reading only that part from disk.
+  the file's layout), reading from disk only the rows the first slice spans.
   """
 
   def __init__(self, files: Iterable[str]):
-    self._handles = {}
+    self._fds = {}
     self.tensors: dict[str, TensorInfo] = {}
     for file in files:
-      f = self._open(file)
-      for name in f.keys():
-        s = f.get_slice(name)
-        self.tensors[name] = TensorInfo(tuple(s.get_shape()), s.get_dtype(), file)
+      self.tensors.update(read_header(file))
 
-  def _open(self, file):
-    if file not in self._handles:
-      self._handles[file] = safe_open(file, framework="numpy")
-    return self._handles[file]
+  def _fd(self, file: str) -> int:
+    if file not in self._fds:
+      self._fds[file] = os.open(file, os.O_RDONLY)
+    return self._fds[file]
 
   def read(self, name: str, index: tuple | None = None) -> np.ndarray:
     info = self.tensors[name]
-    s = self._open(info.file).get_slice(name)
-    if index is None or not info.shape:
-      index = tuple(slice(None) for _ in info.shape)
-    out = s[tuple(index)]
-    return np.asarray(out)
+    dtype = _CODES[info.dtype]
+    if not info.shape:
+      return np.frombuffer(os.pread(self._fd(info.file), info.end - info.start, info.start), dtype).reshape(())
+    index = tuple(index) if index is not None else ()
+    index += (slice(None),) * (len(info.shape) - len(index))
+    lo, hi, step = index[0].indices(info.shape[0])
+    hi = max(hi, lo)
+    row = math.prod(info.shape[1:]) * dtype.itemsize
+    buf = os.pread(self._fd(info.file), (hi - lo) * row, info.start + lo * row)
+    if len(buf) != (hi - lo) * row:
+      raise ValueError(f"{info.file} is truncated: tensor {name!r} ends past the end of the file")
+    x = np.frombuffer(buf, dtype).reshape((hi - lo,) + info.shape[1:])
+    return x[(slice(None, None, step),) + index[1:]]
 
   def close(self):
-    self._handles.clear()
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds.clear()
 
   def __enter__(self):
     return self

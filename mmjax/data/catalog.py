@@ -103,7 +103,7 @@ def _check_sizes(c) -> None:
 
 def _keys(c) -> dict:
   return dict(text_key=c.text_key, prompt_key=c.prompt_key, response_key=c.response_key, image_key=c.image_key,
-              media_root=c.media_root or None)
+              media_root=c.media_root or None, video_frames=c.video_frames)
 
 
 def _open_generated(c, split):

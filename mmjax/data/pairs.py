@@ -2,12 +2,13 @@
 
 A pairs record (one JSON object per line):
 
-  {"prompt": str, "chosen": str, "rejected": str,        required
+  {"prompt": str, "chosen": str, "rejected": str,        required ("messages": the turns before
+                                                         the answer, instead of "prompt")
    "ground_truth": str,                                  the SFT target (dpo.gt_weight > 0)
-   "image": path | "frames": [paths],                    optional pixels (VLM)
-   "index": int,                                         optional: take image/frames from
-                                                         this record of the data.source
-                                                         train set (online shapes pairs)
+   "image": path | "frames": [paths] | "video": path,    optional media (VLM)
+   "index": int,                                         optional: take the media of this record
+                                                         of the data.source train set (online
+                                                         pairs: `media_source`)
    "id": ..., "scores": {...},                           kept, not read
    "ref_chosen_logps": float, "ref_rejected_logps": float}  (dpo.reference='precomputed')
 
@@ -58,9 +59,24 @@ def read_pairs(path: str) -> list[dict]:
   return out
 
 
-def _marker(record: dict) -> dict:
-  """A prompt/response record with the media key (value unused) so visual tokens are counted."""
-  out = {"prompt": record["prompt"]}
+def prompt_of(record: dict) -> dict:
+  """The prompt part of a data record, as a pairs record holds it: {'prompt'} or {'messages'}
+  (the turns before the last assistant turn)."""
+  if "prompt" in record:
+    return {"prompt": record["prompt"]}
+  msgs = record.get("messages", [])
+  last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
+  return {"messages": [dict(m) for m in msgs[:last]]}
+
+
+def _marker(record: dict, response: str | None = None) -> dict:
+  """A record with the pair's prompt (and `response`), and the media key (value unused) so
+  visual tokens are counted."""
+  if "messages" in record:
+    out = {"messages": list(record["messages"]) + ([{"role": "assistant", "content": response}]
+                                                   if response is not None else [])}
+  else:
+    out = {"prompt": record["prompt"]} if response is None else {"prompt": record["prompt"], "response": response}
   kind = media.media_kind(record)
   if kind is not None:
     out["frames" if kind == "video" else "image"] = None
@@ -75,7 +91,10 @@ def check_pairs(records: list[dict], tokenizer, seq_len: int, visual_tokens=None
     if "index" in r and media is not None:
       r = PairsSource([r], media)[0]
     at = r.get("_where") or f"{where} record {i} (id {r.get('id', i)!r})"
-    for key in ("prompt", "chosen", "rejected"):
+    if not isinstance(r.get("prompt"), str) and not (isinstance(r.get("messages"), list) and r["messages"]):
+      raise PairsError(f"{at}: a pair needs a 'prompt' string or 'messages' (the turns before the answer); "
+                       f"record keys: {sorted(k for k in r if k[0] != '_')}")
+    for key in ("chosen", "rejected"):
       if not isinstance(r.get(key), str):
         raise PairsError(f"{at}: {key!r} must be a string; record keys: {sorted(k for k in r if k[0] != '_')}")
     for key in ("chosen", "rejected"):
@@ -93,8 +112,9 @@ def check_pairs(records: list[dict], tokenizer, seq_len: int, visual_tokens=None
 
 
 def media_source(config):
-  """The train source online pairs point into with `index` (shapes), else None."""
-  if config.data.source == "shapes":
+  """The train source pairs point into with `index`: the data of online pairs (or shapes),
+  else None (offline pairs files carry their own media paths)."""
+  if config.dpo.online or config.data.source == "shapes":
     return catalog.make_source(config.data, "train")
   return None
 
@@ -113,7 +133,7 @@ class PairsSource:
     r = dict(self.records[int(i)])
     if "index" in r and self.media is not None:
       ex = self.media[int(r["index"])]
-      for k in ("image", "frames"):
+      for k in ("image", "frames", "video"):
         if k in ex:
           r[k] = ex[k]
     return r
@@ -126,10 +146,15 @@ def tokenize_pair(record: dict, *, tokenizer, seq_len: int, visual_tokens=None, 
                   gt: bool = False, media_fields=None, n_frames: int = 0, fps: float = 0.0) -> dict:
   """A pairs record -> chosen_*/rejected_* (and gt_*) int32 [seq_len] rows, ref log-probs
   (float32 [1]) when present, and images/frames (`mmjax.data.media.media_arrays`)."""
+  with pipeline.located(record):
+    return _tokenize_pair(record, tokenizer, seq_len, visual_tokens, image_size, gt, media_fields, n_frames, fps)
+
+
+def _tokenize_pair(record, tokenizer, seq_len, visual_tokens, image_size, gt, media_fields, n_frames, fps):
   out = {}
   prefixes = [("chosen", "chosen"), ("rejected", "rejected")] + ([("gt", "ground_truth")] if gt else [])
   for prefix, key in prefixes:
-    rec = dict(_marker(record), response=record[key])
+    rec = _marker(record, record[key])
     row = pipeline.pad_example(pipeline.tokenize_example(rec, tokenizer, seq_len, visual_tokens), seq_len,
                                tokenizer.pad_id)
     out.update({f"{prefix}_{_RENAME[k]}": v for k, v in row.items()})

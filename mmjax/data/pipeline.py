@@ -19,6 +19,7 @@ rows of the single-process global batch. The returned `grain.DatasetIterator` ha
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import grain
@@ -127,9 +128,23 @@ def tokenize_record(record: dict, tokenizer, seq_len: int, visual_tokens: dict |
   positions; plus `images` float32 [H, W, 3] and / or `frames` [T, H, W, 3] for media
   (`mmjax.data.media.media_arrays`: `image_size` is a `Pixels` or the size of the built-in
   scaling; `media_fields` the batch's pixel fields, zero-filled when the record lacks one)."""
-  out = pad_example(tokenize_example(record, tokenizer, seq_len, visual_tokens), seq_len, tokenizer.pad_id)
-  out.update(media.media_arrays(record, image_size, media_fields, n_frames, fps))
+  with located(record):
+    out = pad_example(tokenize_example(record, tokenizer, seq_len, visual_tokens), seq_len, tokenizer.pad_id)
+    out.update(media.media_arrays(record, image_size, media_fields, n_frames, fps))
   return out
+
+
+@contextlib.contextmanager
+def located(record: dict):
+  """Re-raises a ValueError about a record as a one-line `RecordError` that starts with where
+  the record came from (its file and line), when the source said."""
+  try:
+    yield
+  except ValueError as e:
+    where = getattr(record, "where", None)
+    if where is None or str(e).startswith(str(where)):
+      raise
+    raise sources.RecordError(f"{where}: {e}") from None
 
 
 def _tokenize_padded(record, *, tokenizer, seq_len, visual_tokens=None, image_size=32, media_fields=None,

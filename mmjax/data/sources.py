@@ -22,8 +22,16 @@ import zlib
 
 import numpy as np
 
+from mmjax.data import steps
+
 GENERATED_TASKS = ("reverse", "add", "sort", "copy")
 _ALNUM = string.ascii_lowercase + string.digits
+
+
+class Record(dict):
+  """A record: a plain dict, plus `where` it came from ('file:line'), which is not one of its
+  keys (records compare and copy as dicts)."""
+  where = None
 
 
 class RecordError(ValueError):
@@ -31,7 +39,8 @@ class RecordError(ValueError):
 
 
 def to_record(raw, where: str, text_key="text", prompt_key="prompt", response_key="response",
-              image_key="image", base_dir: str | None = None, media_root: str | None = None) -> dict:
+              image_key="image", base_dir: str | None = None, media_root: str | None = None,
+              video_frames: int = 0) -> dict:
   """Maps a raw dict onto one of the record formats; `where` names it in errors.
 
   A record may carry media under `image_key`: an image file path (relative paths are taken
@@ -40,20 +49,29 @@ def to_record(raw, where: str, text_key="text", prompt_key="prompt", response_ke
   or a list of paths or pixels (the frames of a video); it comes out as `image` (one) or
   `frames` (a list). A `video` file path (mp4, webm, avi, mkv, ...) comes out as `video`.
   LLaVA-format `conversations` ([{"from": "human" | "gpt" | "system", "value": ...}]) become
-  `messages`; `<image>` / `<video>` in the text mark where the media go.
+  `messages`; `<image>` / `<video>` in the text mark where the media go. A `video` with
+  timed `segments` (YouCook2's `annotations`) becomes a step-caption record with `steps`
+  (`mmjax.data.steps`; frames counted over `video_frames` sampled frames).
   """
   if not isinstance(raw, dict):
     raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
   base_dir = media_root or base_dir
-  out = _text_record(raw, where, text_key, prompt_key, response_key)
+  video_path = None
   if raw.get("video") is not None:
     video = raw["video"]
     if not isinstance(video, str) or not video:
       raise RecordError(f"{where}: 'video' must be a video file path, got {video!r:.60}")
-    path = video if os.path.isabs(video) or base_dir is None else os.path.join(base_dir, video)
-    if not os.path.isfile(path):
-      raise RecordError(f"{where}: 'video' names {path}, which does not exist")
-    out["video"] = path
+    video_path = video if os.path.isabs(video) or base_dir is None else os.path.join(base_dir, video)
+    if not os.path.isfile(video_path):
+      raise RecordError(f"{where}: 'video' names {video_path}, which does not exist")
+  segments = raw.get("segments", raw.get("annotations"))
+  if segments is not None and video_path is not None:
+    out = Record(_step_record(raw, where, segments, video_path, video_frames, prompt_key))
+  else:
+    out = Record(_text_record(raw, where, text_key, prompt_key, response_key))
+  out.where = where  # errors found later (decoding, placeholders) name the record
+  if video_path is not None:
+    out["video"] = video_path
   for key in (image_key, "frames"):  # "frames": the encoded videos of shapes ArrayRecord files
     media = raw.get(key) if key else None
     if media is None:
@@ -95,6 +113,21 @@ def _media(value, where, key, base_dir):
   if arr.shape[-1] == 1:
     arr = np.repeat(arr, 3, axis=-1)
   return arr[..., :3].astype(np.uint8)
+
+
+def _step_record(raw, where, segments, video_path, video_frames, prompt_key) -> dict:
+  """A video's timed segments as a step-caption prompt/response record (`mmjax.data.steps`)."""
+  if not isinstance(segments, list):
+    raise RecordError(f"{where}: 'segments' must be a list of {{'segment': [start_s, end_s], 'sentence'}}")
+  if video_frames <= 0:
+    raise RecordError(f"{where}: timed segments need data.video_frames > 0 (the frames a step is stated in)")
+  try:
+    duration = float(raw["duration"]) if raw.get("duration") else steps.video_duration(video_path)
+    text, spans = steps.step_record(segments, duration, video_frames, where)
+  except ValueError as e:
+    raise RecordError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+  prompt = raw.get(prompt_key) if isinstance(raw.get(prompt_key), str) else steps.STEP_PROMPT
+  return {"prompt": prompt, "response": text, "steps": spans}
 
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from mmjax import sample
-from mmjax.data import catalog, media, pipeline, pixels
+from mmjax.data import catalog, media, pipeline, pixels, steps
 from mmjax.evals import captions
 
 
@@ -35,8 +35,12 @@ def generate_answers(run, variables, records, tokenizer, *, max_new_tokens: int,
   data = run.config.data
   px, fields = pixels.for_data(data), tuple(run.objective.media)
   for i, (chunk, n_real) in enumerate(pipeline.fixed_chunks(records, batch)):  # one compiled sampler
-    prompts = [pipeline.prompt_ids(r, tokenizer, run.visual_tokens, run.config.seq_len) for r in chunk]
-    rows = [media.media_arrays(r, px, fields, data.video_frames, data.video_fps) for r in chunk] if fields else []
+    prompts, rows = [], []
+    for r in chunk:
+      with pipeline.located(r):
+        prompts.append(pipeline.prompt_ids(r, tokenizer, run.visual_tokens, run.config.seq_len))
+        if fields:
+          rows.append(media.media_arrays(r, px, fields, data.video_frames, data.video_fps))
     pixel_batch = {k: np.stack([r[k] for r in rows]) for k in fields}
     key = None if rng is None else jax.random.fold_in(rng, i)
     tokens, _ = sample.generate(run.model, variables, prompts, max_new_tokens=max_new_tokens,
@@ -56,6 +60,9 @@ def score(records, answers) -> dict:
       by_skill.setdefault(r["skills"][0], []).append(e)
   if len(by_skill) > 1:
     out.update({f"gen_exact_{k}": float(np.mean(v)) for k, v in sorted(by_skill.items())})
+  timed = [steps.step_metrics(a, r["steps"]) for r, a in zip(records, answers) if r.get("steps")]
+  if timed:  # real videos with timed steps (YouCook2 style)
+    out.update({k: float(np.mean([m[k] for m in timed])) for k in timed[0]})
   caps = [captions.caption_metrics(a, r["facts"], "video" if r.get("kind") == "video_caption" else "image",
                                    r["times"] if r.get("timed") else None)
           for r, a in zip(records, answers) if r.get("kind") in ("image_caption", "video_caption")]

@@ -67,7 +67,7 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
     worst = max(ok, key=lambda k: scores[k])
     if scores[best] == scores[worst] or answers[best] == answers[worst]:
       continue
-    pairs.append({"id": f"{label}/{i}", "index": i, "prompt": r["prompt"], "chosen": answers[best],
+    pairs.append({"id": f"{label}/{i}", "index": i, **pairs_lib.prompt_of(r), "chosen": answers[best],
                   "rejected": answers[worst], "ground_truth": pipeline.reference(r),
                   "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores}})
   if not pairs:

@@ -4,7 +4,8 @@
 changes (objective, data, steps, trainable, lora, optimizer, ...). A stage starts from
 the previous stage's result — its params with its adapter merged in — or from the stage
 named in its `init_from_stage`; the first stage starts from the model family's Hugging Face
-import (`init_from_hf`, `init_vision_from_hf`) or a seeded random init. Before it trains, a
+import (`init_from_hf`, `init_vision_from_hf`) or a seeded random init, and so does a stage
+with `init_from_stage='init'` (e.g. rebirth SFT of the model a recipe started from). Before it trains, a
 stage prepares the data files its kinds ask for (online DPO pairs, rebirth answers, a data
 selection: `mmjax.recipes.kinds`). Stage NAME works in `WORKDIR/stages/NAME/`; when it
 finishes it writes its merged params to `final/` and its eval metrics to `done.json`, so a
@@ -33,20 +34,24 @@ from mmjax.train import loop
 from mmjax.train import run as run_lib
 
 
+INIT = "init"  # init_from_stage: the recipe's starting model
+
+
 def config_dict() -> dict:
   return dict(
       # Recipes: stage_order names the stages; stages.NAME holds the keys that stage changes.
       # Empty = the config itself is the only stage.
       stage_order=(),
       stages=ml_collections.ConfigDict(),
-      init_from_stage="",  # start from this earlier stage's result instead of the previous one
+      init_from_stage="",  # start from this earlier stage's result instead of the previous one; 'init' = the
+      #                      recipe's starting model (the Hugging Face import or the seeded random init)
   )
 
 
 def validate(config, env) -> None:
-  if config.init_from_stage and config.init_from_stage not in env.earlier_stages:
+  if config.init_from_stage not in ("", INIT) + tuple(env.earlier_stages):
     raise ConfigError(f"config.init_from_stage={config.init_from_stage!r} names no earlier stage; "
-                      f"earlier stages: {', '.join(env.earlier_stages) or 'none'}")
+                      f"earlier stages: {', '.join(env.earlier_stages) or 'none'} (or {INIT!r}, the starting model)")
 
 
 def save_params(path: str, params) -> None:
@@ -83,7 +88,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       prev = name
       continue
     start_from = cfg.init_from_stage or prev
-    base = finals[start_from] if start_from is not None else run.family.import_hf(cfg, run)
+    base = finals[start_from] if start_from not in (None, INIT) else run.family.import_hf(cfg, run)
     ctx = kinds.StageContext(label, cfg, sdir, run, tokenizer, mesh, base, finals)
     with jax.set_mesh(mesh):
       prepared = kinds.prepare(stage_kinds, ctx)
