@@ -41,6 +41,14 @@ def llava_dirs(tmp_path_factory):
                                    image_seq_length=16 if strategy == "default" else 17,
                                    vision_feature_layer=layer, vision_feature_select_strategy=strategy)
     out[name] = _save(transformers.LlavaForConditionalGeneration(cfg).eval(), tmp_path_factory.mktemp(name))
+  # a SigLIP tower (no class token: the 'full' strategy) under a Qwen2 language model (q/k/v biases)
+  vc = transformers.SiglipVisionConfig(hidden_size=28, intermediate_size=44, num_hidden_layers=3, num_attention_heads=4,
+                                       image_size=32, patch_size=8)
+  tc = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=36, intermediate_size=50, num_hidden_layers=2,
+                                num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False)
+  cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMG, image_seq_length=16,
+                                 vision_feature_layer=-1, vision_feature_select_strategy="full")
+  out["siglip"] = _save(transformers.LlavaForConditionalGeneration(cfg).eval(), tmp_path_factory.mktemp("siglip"))
   vc, tc = _configs()
   cfg = transformers.VideoLlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMG, video_token_index=VID,
                                       image_seq_length=16, video_seq_length=2 * 17)
@@ -71,13 +79,13 @@ def _compare(ours, ref, seg):
   np.testing.assert_allclose(np.asarray(ours)[real], ref[real], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["neg", "list"])
+@pytest.mark.parametrize("name", ["neg", "list", "siglip"])
 def test_llava_logits_match_transformers(llava_dirs, name):
   path = llava_dirs[name]
   cfg, params = convert_vlm.import_hf_vlm(path)
   hf = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
   n = convert_vlm.vlm_lib.num_visual_tokens(cfg, "image")
-  assert n == (16 if name == "neg" else 17)
+  assert n == {"neg": 16, "list": 17, "siglip": 16}[name]
   rng = np.random.default_rng(1)
   # row 0: text, the image in mid-text, more text; row 1: the image first, shorter (padded)
   prompts = [[1, 7, 8] + [IMG] * n + [9, 10, 11, 12], [1] + [IMG] * n + [13, 14]]

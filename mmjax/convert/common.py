@@ -64,8 +64,10 @@ class Tensor:
   """One mmjax param and the Hugging Face tensor it is stored as.
 
   kind: 'copy' (same layout), 'T' (transposed: HF [out, in] weight vs mmjax [in, out]
-  kernel), 'conv' (a ViT patch kernel: HF [D, C, p, p] vs mmjax [p*p*C, D]), or 'q' / 'k' /
-  'v' (one third of a packed HF `in_proj` [3D, in] weight or [3D] bias; `d` = D)."""
+  kernel), 'conv' (a ViT patch kernel: HF [D, C, p, p] vs mmjax [p*p*C, D]), 'part' (row block
+  `part` of `parts` blocks of `d` rows in a packed HF weight [parts*d, in], transposed, or bias
+  [parts*d]: SigLIP's in_proj, timm's fused qkv and SwiGLU fc1), or 'reshape' (the same values
+  in another shape: timm's [1, 1, D] class token)."""
   path: str
   name: str
   kind: str
@@ -74,6 +76,8 @@ class Tensor:
   patch: int = 0
   channels: int = 0
   d: int = 0
+  part: int = 0
+  parts: int = 1
 
   def renamed(self, name: str) -> "Tensor":
     return dataclasses.replace(self, name=name)
@@ -100,8 +104,10 @@ def read_tensor(reader, t: Tensor, sharding, dtype) -> jax.Array:
     elif t.kind == "conv":
       w = reader.read(t.name)
       x = w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])[index]
-    else:  # rows [off, off + D) of a packed [3D, in] weight (or of the bias [3D])
-      off = "qkv".index(t.kind) * t.d
+    elif t.kind == "reshape":
+      x = reader.read(t.name).reshape(t.shape)[index]
+    else:  # 'part': rows [off, off + d) of a packed [parts * d, in] weight (or of the bias)
+      off = t.part * t.d
       if len(t.shape) == 1:
         x = reader.read(t.name, (_shift(index[0], t.shape[0], off),))
       else:
@@ -148,17 +154,19 @@ def entries(flat: dict, plan, dtype) -> list:
   out, packed = [], {}
   for t in plan:
     x = flat[t.path]
-    if t.kind in ("q", "k", "v"):
-      packed.setdefault(t.name, {})[t.kind] = (x, t)
+    if t.kind == "part":
+      packed.setdefault(t.name, {})[t.part] = (x, t)
       continue
     if t.kind == "conv":
       get = (lambda x=x, t=t: sharding.to_host(x).reshape(t.patch, t.patch, t.channels, -1).transpose(3, 2, 0, 1))
     elif t.kind == "T":
       get = (lambda x=x: sharding.to_host(x).T)
+    elif t.kind == "reshape":
+      get = (lambda x=x, t=t: sharding.to_host(x).reshape(t.hf_shape))
     else:
       get = (lambda x=x: sharding.to_host(x))
     out.append(stio.Entry(t.name, t.hf_shape, np_dt, get))
   for name, parts in sorted(packed.items()):
-    get = (lambda parts=parts: np.concatenate([sharding.to_host(parts[k][0]).T for k in "qkv"], axis=0))
-    out.append(stio.Entry(name, parts["q"][1].hf_shape, np_dt, get))
+    get = (lambda parts=parts: np.concatenate([sharding.to_host(parts[k][0]).T for k in sorted(parts)], axis=0))
+    out.append(stio.Entry(name, parts[0][1].hf_shape, np_dt, get))
   return sorted(out)

@@ -188,8 +188,10 @@ def tensor_plan(cfg: ViTConfig, prefix: str = PREFIX) -> list[Tensor]:
   plan = []
   for p, s in sorted(param_specs(cfg)[0].items()):
     name, kind = hf_name(p)
-    plan.append(Tensor(p, prefix + name, kind, tuple(s.shape), _hf_shape(s.shape, kind, cfg), patch=cfg.patch_size,
-                       channels=cfg.num_channels, d=cfg.d_model))
+    packed = kind in ("q", "k", "v")  # a third of the MAP head's in_proj
+    plan.append(Tensor(p, prefix + name, "part" if packed else kind, tuple(s.shape), _hf_shape(s.shape, kind, cfg),
+                       patch=cfg.patch_size, channels=cfg.num_channels, d=cfg.d_model,
+                       part="qkv".index(kind) if packed else 0, parts=3 if packed else 1))
   return plan
 
 

@@ -8,6 +8,7 @@ import os
 import ml_collections
 
 from mmjax.config.core import ConfigError
+from mmjax.convert import eva as convert_eva
 from mmjax.convert import vision as convert_vision
 from mmjax.convert.common import read_json
 from mmjax.families.decoder import lora_fields, with_run_numerics
@@ -44,7 +45,8 @@ def vit_config(config) -> vit.ViTConfig:
   memory settings (dtype, param_dtype, remat, attention) and the LoRA scale."""
   if config.init_vision_from_hf:
     try:
-      cfg = convert_vision.vit_config_from_hf(read_json(config.init_vision_from_hf, "config.json"))
+      hf = read_json(config.init_vision_from_hf, "config.json")
+      cfg = convert_eva.vit_config_from_eva(hf) if convert_eva.is_eva(hf) else convert_vision.vit_config_from_hf(hf)
     except ValueError as e:
       raise ConfigError(f"config.init_vision_from_hf={config.init_vision_from_hf!r}: {e}") from None
     return with_run_numerics(cfg, config.vision, config)
@@ -55,10 +57,12 @@ def vit_config(config) -> vit.ViTConfig:
 
 
 def import_tower(config, mesh, rules) -> dict:
-  """The tower's params from `config.init_vision_from_hf`, placed in their shardings."""
-  _, params = convert_vision.import_hf_vision(config.init_vision_from_hf, mesh=mesh, rules=rules,
-                                              dtype=config.vision.param_dtype)
-  return params
+  """The tower's params from `config.init_vision_from_hf` (a CLIP / SigLIP directory or a timm
+  EVA one), placed in their shardings."""
+  path, dtype = config.init_vision_from_hf, config.vision.param_dtype
+  if convert_eva.is_eva(read_json(path, "config.json")):
+    return convert_eva.import_eva(path, mesh=mesh, rules=rules, dtype=dtype)[1]
+  return convert_vision.import_hf_vision(path, mesh=mesh, rules=rules, dtype=dtype)[1]
 
 
 def export_tower(workdir: str, config, vcfg, params) -> None:
@@ -71,7 +75,7 @@ def export_tower(workdir: str, config, vcfg, params) -> None:
   hf, arch = None, None
   if config.init_vision_from_hf:
     hf = read_json(config.init_vision_from_hf, "config.json")
-    arch = convert_vision.architecture_of(hf)
+    arch = None if convert_eva.is_eva(hf) else convert_vision.architecture_of(hf)  # EVA: no HF export
   convert_vision.save_dir(path, vcfg, params, hf_architecture=arch, hf_config=hf)
   if arch is not None:
     out = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[convert_vision.ARCHITECTURES[arch][0]]

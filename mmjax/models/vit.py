@@ -8,8 +8,8 @@ so converters and LoRA regexes read naturally:
   class_embedding [D]                           (class_token=True)
   position_embedding [P(+1), D]                 (pos_embed='learned'; row 0 is the class token's)
   pre_layernorm/{scale, bias}                   (pre_norm=True; HF CLIP `pre_layrnorm`)
-  layers_{i}/{layer_norm1, self_attn/{q,k,v}_proj, self_attn/out_proj, layer_scale1?,
-             layer_norm2, mlp/{fc1, fc2, gate_proj?}, layer_scale2?}
+  layers_{i}/{layer_norm1, self_attn/{q,k,v}_proj, self_attn/norm?, self_attn/out_proj, layer_scale1?,
+             layer_norm2, mlp/{fc1, gate_proj?, norm?, fc2}, layer_scale2?}
   post_layernorm/{scale, bias}                  (post_norm != 'none')
   head/{probe [1, 1, D], attention/{q,k,v,out}_proj, layernorm, mlp/{fc1, fc2}}  (pool='map')
 
@@ -19,11 +19,19 @@ conv weight `w` [D, C, kh, kw] therefore maps to `kernel = w.transpose(2, 3, 1, 
 HF linear weights [out, in] map to `kernel = w.T`. SigLIP's MAP head packs q/k/v in
 `attention.in_proj_weight` [3D, D]: split it in three (q, k, v) and transpose each.
 
+EVA / EVA-02 options (timm's `Eva`): `rope=True` rotates the patch tokens' queries and keys
+by a 2-D rotary embedding (interleaved pairs, the first half of each head's pairs by the
+patch row, the second by the column; positions scaled to a `rope_grid` x `rope_grid` grid
+when set, as timm's `ref_feat_shape`), `k_bias=False` drops the key bias (EVA has q and v
+biases), `attn_norm` / `mlp_norm` add the sub-LN LayerNorms inside attention (before
+out_proj) and the MLP (before fc2), `layer_scale` the residual scales.
+
 Axis letters as in `mmjax.models.layers`; P is the number of patches.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -68,6 +76,12 @@ class ViTConfig:
   layer_scale: float | None = None  # init value of per-channel residual scales, None = off
   attn_bias: bool = True  # biases on q/k/v/out projections
   mlp_bias: bool = True
+  k_bias: bool = True  # with attn_bias: a bias on k_proj too (EVA: q and v biases only)
+  attn_norm: bool = False  # LayerNorm on the attention output before out_proj (EVA-02 sub-LN)
+  mlp_norm: bool = False  # LayerNorm on the MLP's hidden state before fc2 (EVA-02 sub-LN)
+  rope: bool = False  # 2-D rotary embedding of the patch tokens' queries and keys (EVA-02)
+  rope_grid: int = 0  # patch grid the rotary positions are scaled to (timm ref_feat_shape); 0 = the actual grid
+  rope_theta: float = 10000.0
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # a key of REMAT_POLICIES
@@ -95,6 +109,8 @@ class ViTConfig:
       raise ValueError("vit.pool='cls' needs vit.class_token=True")
     if self.pos_embed == "sincos" and self.d_model % 4:
       raise ValueError(f"vit.pos_embed='sincos' needs d_model divisible by 4, got {self.d_model}")
+    if self.rope and self.head_dim % 4:
+      raise ValueError(f"vit.rope=True needs head_dim divisible by 4 (two axes of pairs), got {self.head_dim}")
 
   @property
   def compute_dtype(self):
@@ -226,6 +242,37 @@ def patchify(images: jax.Array, p: int) -> tuple[jax.Array, tuple[int, int]]:
   return x.reshape(b, gh * gw, p * p * c), (gh, gw)
 
 
+def rope_2d_table(head_dim: int, gh: int, gw: int, ref: int = 0, theta: float = 10000.0):
+  """(sin, cos) float32 [gh * gw, head_dim] of timm's EVA 2-D rotary embedding ('cat' type,
+  index grid): head_dim / 4 frequency bands 1 / theta^(k / (head_dim / 4)); row positions
+  (scaled by ref / gh when `ref`) fill the first half of the pairs, columns the second; each
+  angle is repeated for the two members of its pair (interleaved layout)."""
+  return _rope_2d_table(int(head_dim), int(gh), int(gw), int(ref), float(theta))
+
+
+@functools.lru_cache(maxsize=64)
+def _rope_2d_table(head_dim, gh, gw, ref, theta):
+  nb = head_dim // 4
+  bands = (np.float32(1.0) / np.float32(theta) ** (np.arange(nb, dtype=np.float32) / np.float32(nb))).astype(np.float32)
+  th, tw = np.arange(gh, dtype=np.float32), np.arange(gw, dtype=np.float32)
+  if ref:
+    th, tw = th / np.float32(gh) * np.float32(ref), tw / np.float32(gw) * np.float32(ref)
+  grid = np.stack(np.meshgrid(th, tw, indexing="ij"), axis=-1)  # [gh, gw, 2]
+  pos = (grid[..., None] * bands).astype(np.float32).reshape(gh * gw, 2 * nb)
+  sin, cos = np.repeat(np.sin(pos), 2, axis=-1), np.repeat(np.cos(pos), 2, axis=-1)
+  sin.flags.writeable = cos.flags.writeable = False
+  return sin, cos
+
+
+def apply_rope_2d(x: jax.Array, sin, cos) -> jax.Array:
+  """x: [B, N, H, D] tokens (patches only) rotated pairwise: x * cos + rot(x) * sin with
+  rot([x0, x1, x2, x3, ...]) = [-x1, x0, -x3, x2, ...] (in float32, cast back)."""
+  x32 = x.astype(jnp.float32)
+  rot = jnp.stack([-x32[..., 1::2], x32[..., ::2]], axis=-1).reshape(x.shape)
+  s, c = jnp.asarray(sin)[None, :, None, :], jnp.asarray(cos)[None, :, None, :]
+  return (x32 * c + rot * s).astype(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocks.
 
@@ -234,22 +281,30 @@ class Attention(nn.Module):
   cfg: ViTConfig
 
   @nn.compact
-  def __call__(self, xq, xkv, deterministic=True):
-    """xq: [B, T, D]; xkv: [B, S, D] -> [B, T, D]."""
+  def __call__(self, xq, xkv, deterministic=True, grid=None):
+    """xq: [B, T, D]; xkv: [B, S, D] -> [B, T, D]. `grid` (gh, gw): the patch grid of the
+    tokens (self-attention over prefix + patch tokens), for the 2-D rotary embedding."""
     c = self.cfg
     b, t, _ = xq.shape
     s = xkv.shape[1]
     nh = c.n_heads * c.head_dim
     q = c.dense(nh, ("embed", "heads"), "q_proj", c.attn_bias)(xq, deterministic)
-    k = c.dense(nh, ("embed", "heads"), "k_proj", c.attn_bias)(xkv, deterministic)
+    k = c.dense(nh, ("embed", "heads"), "k_proj", c.attn_bias and c.k_bias)(xkv, deterministic)
     v = c.dense(nh, ("embed", "heads"), "v_proj", c.attn_bias)(xkv, deterministic)
     q = q.reshape(b, t, c.n_heads, c.head_dim)
     k = k.reshape(b, s, c.n_heads, c.head_dim)
     v = v.reshape(b, s, c.n_heads, c.head_dim)
+    if c.rope and grid is not None:
+      n_prefix = t - grid[0] * grid[1]
+      sin, cos = rope_2d_table(c.head_dim, grid[0], grid[1], c.rope_grid, c.rope_theta)
+      q = jnp.concatenate([q[:, :n_prefix], apply_rope_2d(q[:, n_prefix:], sin, cos)], axis=1)
+      k = jnp.concatenate([k[:, :n_prefix], apply_rope_2d(k[:, n_prefix:], sin, cos)], axis=1)
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
     mask = jnp.ones((b, 1, t, s), bool)
     out = layers.dot_product_attention(q, k, v, mask, c.attention)
     out = checkpoint_name(out, "attn_out").reshape(b, t, nh)
+    if c.attn_norm:
+      out = c.norm("norm")(out)
     return c.dense(c.d_model, ("heads", "embed"), "out_proj", c.attn_bias)(out, deterministic)
 
 
@@ -266,6 +321,8 @@ class Mlp(nn.Module):
     else:
       h = act(h)
     h = nn.with_logical_constraint(h, layers.ACT_BTF)
+    if c.mlp_norm:
+      h = c.norm("norm")(h)
     return c.dense(c.d_model, ("mlp", "embed"), "fc2", c.mlp_bias)(h, deterministic)
 
 
@@ -274,10 +331,10 @@ class Block(nn.Module):
   cfg: ViTConfig
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic=True, grid=None):
     c = self.cfg
     h = c.norm("layer_norm1")(x)
-    h = Attention(c, name="self_attn")(h, h, deterministic)
+    h = Attention(c, name="self_attn")(h, h, deterministic, grid)
     x = x + self._scale(h, "layer_scale1")
     h = Mlp(c, name="mlp")(c.norm("layer_norm2")(x), deterministic)
     x = x + self._scale(h, "layer_scale2")
@@ -343,10 +400,10 @@ class ViT(nn.Module):
 
     block = Block
     if c.remat != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(2,))
+      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(2, 3))
     hidden = [x]
     for i in range(c.n_layers):
-      x = block(c, name=f"layers_{i}")(x, deterministic)
+      x = block(c, name=f"layers_{i}")(x, deterministic, (gh, gw))
       hidden.append(x)
 
     post = c.norm("post_layernorm") if c.post_norm != "none" else None
