@@ -32,7 +32,7 @@ def get_config(arg=None):
                         rank=16, batch=32, seq_len=2560, dtype="bfloat16", fsdp=8, schedule="image,video,text")
   c = schema.base_config()
   c.model.update(name="vlm", dtype=args.dtype, param_dtype=args.dtype, remat="full" if args.dtype == "bfloat16"
-                 else "none")
+                 else "none", logits_chunk=1024)  # the loss's fp32 logits 1024 positions at a time
   c.vision.update(dtype=args.dtype, param_dtype=args.dtype)
   c.init_from_hf = args.hf  # the whole VLM: towers, projector, language model
   c.data.update(source="jsonl", train_path=args.videos, eval_path=args.eval, tokenizer=args.hf,

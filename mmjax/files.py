@@ -13,8 +13,10 @@ alike; then the processes meet at a barrier. A resumed stage finds the file and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from typing import Callable
 
 import jax
@@ -39,6 +41,31 @@ def atomic_write(path: str, data) -> str:
     if os.path.exists(tmp):
       os.remove(tmp)
   return path
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+  """Yields `path + '.partial'`, a fresh directory the block writes (every process may write
+  into it), which becomes `path` when the block ends without an error; a leftover of an
+  interrupted write is removed first. So `path` exists only complete."""
+  path = os.path.abspath(path)
+  tmp = path + ".partial"
+  if jax.process_index() == 0 and os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  barrier(f"atomic_dir start {path}")
+  os.makedirs(tmp, exist_ok=True)
+  yield tmp
+  barrier(f"atomic_dir written {path}")
+  if jax.process_index() == 0:
+    os.replace(tmp, path)
+  barrier(f"atomic_dir done {path}")
 
 
 def jsonl(records) -> str:

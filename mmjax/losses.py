@@ -158,6 +158,52 @@ def cross_entropy_and_accuracy(logits: jax.Array, targets: jax.Array, mask: jax.
   return nll, jnp.sum(mask), jnp.sum(hit * mask)
 
 
+def chunked_token_log_probs(head, h: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """(log p(target), target is a row maximum) per token [B, T] from hidden states h [B, T, D]
+  and `head` (hidden [B, C, D] -> logits [B, C, V]), computing the logits `chunk` positions
+  at a time: a `lax.map` over chunks under `jax.checkpoint`, so a step holds one chunk's
+  [B, chunk, V] float32 logits (forward and backward) instead of the whole sequence's. The
+  same values and gradients as the unchunked losses, fp32 rounding aside. The hit carries
+  no gradient."""
+  b, t, d = h.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  hs = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+  ts = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(xs):
+    hc, tc = xs
+    logits = head(hc).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+    lg = jax.lax.stop_gradient(logits)
+    hit = (jax.lax.stop_gradient(picked) >= jnp.max(lg, axis=-1)).astype(jnp.float32)
+    return picked - lse, hit
+
+  logp, hit = jax.lax.map(one, (hs, ts))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+  return unchunk(logp), unchunk(hit)
+
+
+def chunked_cross_entropy_and_accuracy(head, h: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int):
+  """`cross_entropy_and_accuracy(head(h), targets, mask)` computed `chunk` positions at a time
+  (`chunked_token_log_probs`): (nll sum, mask count, correct count)."""
+  mask = mask.astype(jnp.float32)
+  logp, hit = chunked_token_log_probs(head, h, targets, chunk)
+  return -jnp.sum(logp * mask), jnp.sum(mask), jnp.sum(hit * mask)
+
+
+def chunked_sequence_log_probs(head, h: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int,
+                               average: bool = False) -> jax.Array:
+  """`sequence_log_probs(head(h), targets, mask, average)` computed `chunk` positions at a time."""
+  mask = mask.astype(jnp.float32)
+  total = jnp.sum(chunked_token_log_probs(head, h, targets, chunk)[0] * mask, axis=-1)
+  if average:
+    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+  return total
+
+
 # ---------------------------------------------------------------------------------------------
 # Detection and segmentation (ViSFT). Targets and matchings as in `mmjax.boxes`. Each returns
 # means normalised as DETR does: class CE is a weighted mean over all queries; box and mask

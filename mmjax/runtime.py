@@ -10,12 +10,16 @@ threshold, the freed buffer stays in the heap and the next step reuses it (zero 
 The cost is that host memory freed by a step is kept by the process for the next one,
 like any caching allocator. It must run before the first large allocation of the
 threads that use it, so `mmjax.main` and `tools/bench.py` call it before JAX's backends
-start (`config.reuse_host_memory`, on by default). A no-op where libc is not glibc.
+start (`config.reuse_host_memory`, on by default) when JAX will run on the CPU
+(`cpu_backend_expected`): on GPU and TPU hosts the step's buffers live in device memory and
+the host keeps glibc's defaults. A no-op where libc is not glibc.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
+import os
 import platform
 
 # mallopt parameters (glibc malloc.h)
@@ -48,3 +52,19 @@ def reuse_host_memory() -> bool:
       (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))  # ... and free() keeps up to 2 GB at the top of the heap
   _applied = ok
   return ok
+
+
+def cpu_backend_expected(environ=None) -> bool:
+  """Whether JAX will compute on the CPU, decided before it is imported: JAX_PLATFORMS when
+  set, else whether a GPU (a CUDA plugin and an NVIDIA device node) or a TPU (libtpu and an
+  accelerator device) is present."""
+  environ = os.environ if environ is None else environ
+  platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return platforms.split(",")[0] == "cpu"
+  cuda = any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  if cuda and os.path.exists("/dev/nvidiactl"):
+    return False
+  if importlib.util.find_spec("libtpu") is not None and (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio")):
+    return False
+  return True

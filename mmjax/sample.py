@@ -22,8 +22,9 @@ Sharding: with a mesh, the batch (padded up to a multiple of the data-parallel s
 dummy rows) is sharded over the mesh axes of the `act_batch` rule, and so is the cache;
 the variables keep whatever sharding they arrive with.
 
-The sampler always uses the 'xla' attention (the cuDNN kernel does not take the cache's
-mask shapes) and no remat; both change speed only, not results.
+The prefill runs on the model's attention path (cuDNN's fused kernel on a GPU in bf16, over
+the prompt block's own keys with `is_causal`); the one-token decode steps attend over the cache
+with XLA. No remat and no LoRA dropout; none of this changes results.
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ def _generate(variables, tokens, lengths, stop, temperature, top_k, top_p, rng, 
 
 
 def _jitted(model, max_new, sample, filtered, pad_id, mesh, rules):
-  fast = dict(remat="none", attention="xla", lora_dropout=0.0)
+  fast = dict(remat="none", lora_dropout=0.0)
   if hasattr(model.cfg, "llm"):  # a VLM: decode settings for both towers
     cfg = dataclasses.replace(model.cfg, llm=dataclasses.replace(model.cfg.llm, **fast),
                               vision=dataclasses.replace(model.cfg.vision, **fast))
@@ -180,7 +181,7 @@ def generate(model, variables: dict, prompts, *, lengths=None, max_new_tokens: i
              images=None, frames=None) -> tuple[jax.Array, jax.Array]:
   """Samples continuations of a batch of prompts.
 
-  model: a `Llama` or a `VLM` (its config is used; remat and attention are overridden for
+  model: a `Llama` or a `VLM` (its config is used, with remat and LoRA dropout off for
     decoding). For a VLM, `images` [B, H, W, C] or `frames` [B, T, H, W, C] fill the
     prompts' image placeholders, and the placeholder token is never generated.
   variables: {'params': ..., optionally 'lora': ...}.

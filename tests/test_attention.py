@@ -95,6 +95,78 @@ def test_model_logits_and_grads_unchanged_by_causal_blocks():
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(y))))
 
 
+def _padded_segments(rng, b, t):
+  """One right-padded example per row (segment 1, then 0); one row without padding."""
+  lengths = [t] + [int(x) for x in rng.integers(t // 3, t, b - 1)]
+  return jnp.asarray((np.arange(t)[None] < np.asarray(lengths)[:, None]).astype(np.int32))
+
+
+@pytest.mark.parametrize("layout", ["causal", "padded", "packed"])
+def test_fused_path_equals_todays_attention(layout):
+  """'cudnn' runs `jax.nn.dot_product_attention` (its XLA implementation on CPU) with
+  is_causal and sequence lengths (no mask) for unpacked rows, the mask with is_causal for
+  packed ones: the same values and gradients as the 'xla' path on every row that sees a key."""
+  rng = np.random.default_rng(1)
+  b, t, n, kh, h = 3, 96, 4, 2, 16
+  ks = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(ks[0], (b, t, n, h))
+  k = jax.random.normal(ks[1], (b, t, kh, h))
+  v = jax.random.normal(ks[2], (b, t, kh, h))
+  seg = {"causal": jnp.ones((b, t), jnp.int32), "padded": _padded_segments(rng, b, t),
+         "packed": _packed_segments(rng, b, t)}[layout]
+  fused_in = layers.attention_inputs(seg, "cudnn", jnp.float32, packed_rows=layout == "packed")
+  assert fused_in.shape == ((b, 1, t, t) if layout == "packed" else (b,))  # no mask unless packed
+  mask = layers.attention_mask(seg, seg, causal=True)
+  assert layers.attention_inputs(seg, "xla", jnp.float32, packed_rows=False).shape == (b, 1, t, t)
+  valid = (seg != 0)[:, :, None, None]
+  w = jax.random.normal(ks[3], (b, t, n, h)) * valid
+  fused = lambda q, k, v: layers.dot_product_attention(q, k, v, fused_in, "cudnn", causal=True)
+  today = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, "xla", causal=True)
+  np.testing.assert_allclose(np.where(valid, fused(q, k, v), 0), np.where(valid, today(q, k, v), 0),
+                             rtol=1e-5, atol=1e-5)
+  g_fused = jax.grad(lambda *a: jnp.sum(fused(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  g_today = jax.grad(lambda *a: jnp.sum(today(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  for a, r in zip(g_fused, g_today):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_attention_without_a_mask_equals_the_all_ones_mask():
+  ks = jax.random.split(jax.random.key(2), 3)
+  q, k, v = (jax.random.normal(kk, (2, 50, 3, 8)) for kk in ks)
+  ones = jnp.ones((2, 1, 50, 50), bool)
+  want = layers.dot_product_attention(q, k, v, ones, "xla")
+  np.testing.assert_allclose(layers.dot_product_attention(q, k, v, None, "xla"), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(layers.dot_product_attention(q, k, v, None, "cudnn"), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_decoder_on_the_fused_path_equals_the_xla_path(packed):
+  """A whole decoder (attention='cudnn', which on CPU is jax.nn's XLA implementation) gives
+  the logits and adapter gradients of attention='xla' on padded and on packed rows."""
+  import dataclasses
+  from mmjax import lora
+  from mmjax.models.llama import Llama, LlamaConfig
+  cfg = LlamaConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48,
+                    attention="xla", packed_rows=packed)
+  b, t = 3, 80
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(1, 50, (b, t)), jnp.int32)
+  seg = _packed_segments(rng, b, t) if packed else _padded_segments(rng, b, t)
+  pos = jnp.asarray(np.concatenate([[np.arange(t)]] * b))
+  params = nn.meta.unbox(Llama(cfg).init(jax.random.key(0), tokens)["params"])
+  ad = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.key(1), params, r".*(q_proj|v_proj)", 4))
+  valid = (seg != 0)[..., None]
+  wts = jax.random.normal(jax.random.key(2), (b, t, 50)) * valid
+
+  def loss(attention):
+    model = Llama(dataclasses.replace(cfg, attention=attention))
+    return lambda a: jnp.sum(jax.nn.log_softmax(model.apply({"params": params, "lora": a}, tokens, pos, seg)) * wts)
+
+  np.testing.assert_allclose(loss("cudnn")(ad), loss("xla")(ad), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(jax.grad(loss("cudnn"))(ad)), jax.tree.leaves(jax.grad(loss("xla"))(ad))):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(y))))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lora_matmul_matches_autodiff(dtype):
   ks = jax.random.split(jax.random.key(0), 5)

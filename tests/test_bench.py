@@ -52,3 +52,21 @@ def test_dpo_mode_reports_ratios():
   assert r["mode"] == "dpo" and r["sft_s"] > 0
   assert r["ratio_adapter_base"] == r["dpo_adapter_base_s"] / r["sft_s"]
   assert "DPO precomputed" in bench.format_report(r)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_in_smoke_mode(tmp_path):
+  """tools/gpu_check.py --smoke: the GPU tests on jax.nn's XLA implementation, the train and
+  sampler benchmarks on a tiny shape, one table, under the SLURM script's XLA flags."""
+  import subprocess
+  from helpers import ROOT, subprocess_env
+  out = tmp_path / "gpu.json"
+  r = subprocess.run([sys.executable, "tools/gpu_check.py", "--smoke", "--steps", "2", "--out", str(out)], cwd=ROOT,
+                     env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+  for row in ("GPU tests", "train tokens/s", "MFU", "sampler"):
+    assert row in r.stdout
+  report = json.loads(out.read_text())
+  assert report["tests"]["passed"] == 5 and report["tests"]["failed"] == 0
+  assert report["train"]["tokens_per_s"] > 0 and report["train"]["recompiles"] == 0
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in report["xla_flags"]

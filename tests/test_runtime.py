@@ -35,3 +35,23 @@ def test_reuse_host_memory_stops_refaulting_a_freed_buffer():
   default, reused = faults("0"), faults("1")
   assert default > 10000  # glibc: a fresh mmap each time, every 4 KB page faults again (16k pages)
   assert reused < 1000  # the freed heap memory is handed back as is
+
+
+def test_host_memory_settings_only_where_jax_computes_on_the_cpu():
+  from mmjax import runtime
+  assert runtime.cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
+  assert not runtime.cpu_backend_expected({"JAX_PLATFORMS": "cuda"})
+  assert not runtime.cpu_backend_expected({"JAX_PLATFORMS": "tpu,cpu"})
+  assert runtime.cpu_backend_expected({})  # this machine: no accelerator
+
+
+def test_slurm_xla_gpu_flags_are_known_to_the_installed_xla():
+  """XLA aborts on an unknown flag; the flags are parsed on every backend, so CPU checks them."""
+  import subprocess
+  import sys
+  from helpers import ROOT
+  code = "import jax; print(float((jax.numpy.ones(2) + 1).sum()))"
+  r = subprocess.run(["bash", "-c", f"source launch/xla_gpu_flags.sh && JAX_PLATFORMS=cpu {sys.executable} -c '{code}'"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and r.stdout.strip() == "4.0", r.stderr[-2000:]
+  assert "source launch/xla_gpu_flags.sh" in open(f"{ROOT}/launch/slurm.sbatch").read()

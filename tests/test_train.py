@@ -134,3 +134,101 @@ def test_vlm_trains_on_jsonl_records_with_image_files(tmp_path):
     state, m = run.train_step(state, run.global_batch(batch), jax.random.key(1))
     losses.append(float(m["loss"]))
   assert np.isfinite(losses).all() and losses[1] < losses[0]
+
+
+def test_bf16_base_keeps_fp32_adapter_moments_and_accumulation():
+  """param_dtype=bfloat16 (the 8-GPU configs): the adapter, AdamW's moments and the accumulated
+  gradients stay float32, and the losses track an all-float32 run from the same weights."""
+  import jax.numpy as jnp
+  batch = synthetic_batches(1, 8, 16, 67)[0]
+
+  def train(config, base=None):
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    run = run_lib.build(config, mesh, config.model.vocab_size)
+    rng = jax.random.key(config.seed)
+    state = run.init_state(rng) if base is None else run.init_from_params(rng, base)
+    losses = []
+    for _ in range(6):  # one batch over and over: the loss must fall
+      state, m = run.train_step(state, run.global_batch(batch), jax.random.key(1))
+      losses.append(float(m["loss"]))
+    return run, state, np.array(losses)
+
+  ref_run, ref_state, ref = train(tiny_config(grad_accum=2))
+  base = ref_run.init_state(jax.random.key(0)).frozen["params"]
+  mixed = tiny_config(grad_accum=2, model={"dtype": "bfloat16", "param_dtype": "bfloat16"})
+  run, state, losses = train(mixed, jax.tree.map(lambda x: x.astype(jnp.bfloat16), base))
+  assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for s in _adam(state) for x in jax.tree.leaves((s.mu, s.nu))} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_allclose(losses, ref, rtol=2e-2)
+  assert losses[-1] < losses[0] - 0.1 and ref[-1] < ref[0] - 0.1
+
+
+def _adam(state):
+  import optax
+  found = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+           if isinstance(s, optax.ScaleByAdamState)]
+  assert found
+  return found
+
+
+def _eqns(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    for sub in e.params.values():
+      sub = getattr(sub, "jaxpr", sub)
+      if hasattr(sub, "eqns"):
+        yield from _eqns(sub)
+
+
+def test_bf16_adapter_when_asked_still_accumulates_in_fp32():
+  import jax.numpy as jnp
+  c = tiny_config(grad_accum=2, lora={"dtype": "bfloat16"}, optimizer={"moment_dtype": ""},
+                  model={"dtype": "bfloat16", "param_dtype": "bfloat16"})
+  run, state, _ = _losses(c, jax.devices()[:1], n_steps=1)
+  assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for s in _adam(state) for x in jax.tree.leaves((s.mu, s.nu))} == {jnp.dtype(jnp.bfloat16)}
+  batch = run.global_batch(synthetic_batches(1, 8, 16, 67)[0])
+  scan = [e for e in _eqns(jax.make_jaxpr(run.train_step)(state, batch, jax.random.key(1)).jaxpr)
+          if e.primitive.name == "scan"]
+  assert scan  # grad_accum=2: the micro-batches run under lax.scan ...
+  carried = scan[0].outvars[:len(jax.tree.leaves(state.trainable))]
+  assert {v.aval.dtype for v in carried} == {jnp.dtype(jnp.float32)}  # ... their gradient sums in float32
+
+
+@pytest.mark.parametrize("model", ["llama", "vlm"])
+def test_chunked_logits_give_the_same_sft_steps(model):
+  """model.logits_chunk computes the loss's logits a few positions at a time: the same losses,
+  accuracies and updates as the whole-sequence logits, within fp32 rounding."""
+  from mmjax.data import pipeline
+  from mmjax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer("builtin")
+  out = []
+  for chunk in (0, 5):
+    c = tiny_config(model={"logits_chunk": chunk})
+    if model == "vlm":
+      c.model.update(name="vlm", vocab_size=-1)
+      c.vision.update(image_size=48, patch_size=16, d_model=20, n_layers=1, n_heads=2, head_dim=10, mlp_dim=28)
+      c.data.update(source="shapes", task="image_caption", image_size=48, max_objects=2, num_train_examples=64)
+      c.seq_len = 24
+      c.lora.targets = r".*(q_proj|v_proj|linear_1|lm_head)"  # an adapter on the head the chunks apply
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    run = run_lib.build(c, mesh, tok if model == "vlm" else c.model.vocab_size)
+    if model == "vlm":
+      it = pipeline.make_train_iterator(c.data, global_batch=8, seq_len=24, seed=0, tokenizer=tok,
+                                        visual_tokens=run.visual_tokens)
+      batches = [next(it) for _ in range(3)]
+    else:
+      batches = synthetic_batches(3, c.batch_size, c.seq_len, c.model.vocab_size)
+    state = run.init_state(jax.random.key(c.seed))
+    ms = []
+    for b in batches:
+      state, m = run.train_step(state, run.global_batch(b), jax.random.key(1))
+      ms.append(jax.device_get(m))
+    out.append((ms, state))
+  (full, s_full), (chunked, s_chunked) = out
+  for a, b in zip(full, chunked):
+    for k in ("loss", "accuracy", "grad_norm"):
+      np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(s_full.trainable), jax.tree.leaves(s_chunked.trainable)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmjax import runtime  # noqa: E402
 
-runtime.reuse_host_memory()  # as mmjax.main does by default (config.reuse_host_memory)
+if runtime.cpu_backend_expected():
+  runtime.reuse_host_memory()  # as mmjax.main does by default on CPU hosts (config.reuse_host_memory)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -43,6 +44,13 @@ SHAPES = {
                    mlp_dim=1408, norm_eps=1e-5, rope_theta=10000.0, dtype="float32",
                    param_dtype="float32"),
         seq_len=256, batch_size=8, lora=dict(rank=16, alpha=32.0)),
+    # Llama-3-8B's layer (GQA 32/8 heads, SwiGLU 14336, 128k vocabulary) in bf16 with remat and
+    # chunked logits, for one GPU (`tools/gpu_check.py` sets n_layers to what fits).
+    "llama3_8b": dict(
+        model=dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                   mlp_dim=14336, norm_eps=1e-5, rope_theta=500000.0, dtype="bfloat16", param_dtype="bfloat16",
+                   remat="dots_no_batch", attention="auto", logits_chunk=512),
+        seq_len=4096, batch_size=2, lora=dict(rank=16, alpha=32.0)),
     # For tests: seconds to compile and run.
     "tiny": dict(
         model=dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,

@@ -55,5 +55,7 @@ class Family:
                          "config.model sizes and dtypes against the checkpoint)")
     return params
 
-  def export(self, workdir: str, config, run, state) -> None:
-    """Writes the finished run's model under `workdir` (default: nothing)."""
+  def export(self, workdir: str, config, run, variables: dict) -> None:
+    """Writes the finished run's model (`variables`: params and, if any, the adapter) under
+    `workdir`, each directory atomically (`mmjax.files.atomic_dir`) and only when it is not
+    there yet, so a rerun completes an export a kill interrupted (default: nothing)."""

@@ -16,7 +16,8 @@ from mmjax.models import llama
 def model_config_dict(**overrides) -> ml_collections.ConfigDict:
   """`config.model`: the fields of `LlamaConfig`, plus `name` and a flat llama3 rope scaling."""
   fields = {f.name: f.default for f in dataclasses.fields(llama.LlamaConfig)}
-  for name in ("rope_scaling", "lora_alpha", "lora_rslora", "lora_dropout"):  # lora_* come from config.lora
+  for name in ("rope_scaling", "lora_alpha", "lora_rslora", "lora_dropout",  # lora_* come from config.lora,
+               "packed_rows"):  # packed_rows from the data configs (with_run_rows)
     fields.pop(name)
   fields.update(
       name="llama",  # model family: a name in mmjax/families/registry.py ('llama', 'vlm', 'visft')
@@ -47,6 +48,8 @@ def validate(config, env) -> None:
   check_choice("model.remat", m.remat, tuple(llama.REMAT_POLICIES))
   check_choice("model.attention", m.attention, ("auto", "xla", "cudnn"))
   check_choice("model.rope_scaling.type", m.rope_scaling.type, ("none", "llama3"))
+  if m.logits_chunk < 0:
+    raise ConfigError(f"config.model.logits_chunk={m.logits_chunk} must be >= 0 (0 = logits of the whole sequence)")
   if m.head_dim % 2:
     raise ConfigError(f"config.model.head_dim={m.head_dim} must be even (rotary embeddings rotate pairs)")
 
@@ -96,8 +99,24 @@ def decoder_config(config, tokenizer) -> llama.LlamaConfig:
   """The decoder of a run: from `init_from_hf`'s config.json, else from `config.model` (the
   vocabulary size from the tokenizer when `model.vocab_size` is -1)."""
   if config.init_from_hf:
-    return hf_llama_config(config)
-  return llama_config(config.model, tokenizer.vocab_size, config.lora)
+    return with_run_rows(hf_llama_config(config), config)
+  return with_run_rows(llama_config(config.model, tokenizer.vocab_size, config.lora), config)
+
+
+def with_run_rows(cfg: llama.LlamaConfig, config) -> llama.LlamaConfig:
+  """The decoder config with the run's loss chunking and row layout: `packed_rows` unless no
+  data config of the run (its own, a stage's or a group's) packs examples, so that only
+  right-padded one-example rows take the fused attention's sequence-length path."""
+  packed = any(k.endswith("packing") and bool(v) for k, v in _leaves(config.to_dict()))
+  return dataclasses.replace(cfg, logits_chunk=config.model.logits_chunk, packed_rows=packed)
+
+
+def _leaves(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
 
 
 def import_decoder(config, mesh, rules) -> dict:

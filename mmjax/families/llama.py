@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from mmjax import files
 from mmjax.convert import llama as convert_llama
 from mmjax.convert import model_dir
 from mmjax.convert.common import read_json
@@ -38,14 +39,14 @@ class LlamaFamily(base.Family):
   def hf_parts(self, config) -> dict:
     return {None: decoder.import_decoder} if config.init_from_hf else {}
 
-  def export(self, workdir, config, run, state):
+  def export(self, workdir, config, run, variables):
     path = os.path.join(workdir, "model")
-    if os.path.exists(os.path.join(path, "params")):
+    if os.path.exists(path):
       return  # a finished run re-started keeps its first export
     arch = convert_llama.architecture_of(read_json(config.init_from_hf, "config.json")) if config.init_from_hf else None
-    variables = state.variables
-    model_dir.save(path, run.model_cfg, variables["params"], variables.get("lora"), hf_architecture=arch,
-                   hf_dir=config.init_from_hf or None)
+    with files.atomic_dir(path) as tmp:
+      model_dir.save(tmp, run.model_cfg, variables["params"], variables.get("lora"), hf_architecture=arch,
+                     hf_dir=config.init_from_hf or None)
 
 
 FAMILY = LlamaFamily()

@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from mmjax import files
 from mmjax.config.core import ConfigError
 from mmjax.convert import eva as convert_eva
 from mmjax.convert import vision as convert_vision
@@ -70,14 +71,15 @@ def export_tower(workdir: str, config, vcfg, params) -> None:
   `mmjax.convert.vision`) and, when it came from a Hugging Face CLIP / SigLIP directory,
   WORKDIR/vision_hf in that family's format. A finished run re-started keeps its first export."""
   path = os.path.join(workdir, "vision")
-  if os.path.exists(os.path.join(path, "params")):
-    return
   hf, arch = None, None
   if config.init_vision_from_hf:
     hf = read_json(config.init_vision_from_hf, "config.json")
     arch = None if convert_eva.is_eva(hf) else convert_vision.architecture_of(hf)  # EVA: no HF export
-  convert_vision.save_dir(path, vcfg, params, hf_architecture=arch, hf_config=hf)
-  if arch is not None:
+  if not os.path.exists(path):
+    with files.atomic_dir(path) as tmp:
+      convert_vision.save_dir(tmp, vcfg, params, hf_architecture=arch, hf_config=hf)
+  hf_path = os.path.join(workdir, "vision_hf")
+  if arch is not None and not os.path.exists(hf_path):
     out = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[convert_vision.ARCHITECTURES[arch][0]]
-    convert_vision.export_hf_vision(os.path.join(workdir, "vision_hf"), vcfg, params, architecture=out,
-                                    dtype=vcfg.param_dtype)
+    with files.atomic_dir(hf_path) as tmp:
+      convert_vision.export_hf_vision(tmp, vcfg, params, architecture=out, dtype=vcfg.param_dtype)

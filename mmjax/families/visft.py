@@ -63,8 +63,7 @@ class ViSFTFamily(base.Family):
   def hf_parts(self, config) -> dict:
     return {"vision": tower.import_tower} if config.init_vision_from_hf else {}
 
-  def export(self, workdir, config, run, state):
-    variables = state.variables
+  def export(self, workdir, config, run, variables):
     params = variables["params"]["vision"]
     if "lora" in variables and "vision" in variables["lora"]:
       params = lora_lib.merge(params, variables["lora"]["vision"], config.lora.alpha, config.lora.rslora)

@@ -17,6 +17,7 @@ import os
 
 import ml_collections
 
+from mmjax import files
 from mmjax.config.core import ConfigError, check_choice
 from mmjax.convert import vlm as convert_vlm
 from mmjax.convert.common import read_json
@@ -75,7 +76,7 @@ def hf_vlm_config(config, hf: dict) -> vlm.VLMConfig:
   except ValueError as e:
     raise ConfigError(f"config.init_from_hf={config.init_from_hf!r}: {e}") from None
   return dataclasses.replace(cfg, vision=decoder.with_run_numerics(cfg.vision, config.vision, config),
-                             llm=decoder.with_run_numerics(cfg.llm, config.model, config))
+                             llm=decoder.with_run_rows(decoder.with_run_numerics(cfg.llm, config.model, config), config))
 
 
 def _check_placeholders(config, tokenizer, cfg) -> None:
@@ -126,15 +127,15 @@ class VLMFamily(base.Family):
     return parts
 
 
-  def export(self, workdir, config, run, state):
+  def export(self, workdir, config, run, variables):
     path = os.path.join(workdir, "model")
-    if os.path.exists(os.path.join(path, "params")):
+    if os.path.exists(path):
       return  # a finished run re-started keeps its first export
     hf = hf_vlm(config)
     arch = convert_vlm.architecture_of(hf) if hf is not None else None
-    variables = state.variables
-    convert_vlm.save_dir(path, run.model_cfg, variables["params"], variables.get("lora"), hf_architecture=arch,
-                         hf_config=hf, hf_dir=config.init_from_hf or None)
+    with files.atomic_dir(path) as tmp:
+      convert_vlm.save_dir(tmp, run.model_cfg, variables["params"], variables.get("lora"), hf_architecture=arch,
+                           hf_config=hf, hf_dir=config.init_from_hf or None)
 
 
 def _import_whole(config, mesh, rules) -> dict:

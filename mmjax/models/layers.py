@@ -254,13 +254,36 @@ def attention_mask(q_segments: jax.Array, kv_segments: jax.Array, causal: bool,
   return mask[:, None]
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          implementation: str = "xla", causal: bool = False) -> jax.Array:
-  """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, 1, T, S] -> [B, T, N, H].
+def resolve_attention(implementation: str, dtype) -> str:
+  """'auto' -> 'cudnn' on a GPU backend with bf16/fp16 compute, else 'xla'."""
+  if implementation == "auto":
+    gpu = jax.default_backend() == "gpu"
+    return "cudnn" if gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+  return implementation
 
-  `implementation`: 'xla' (einsums; runs everywhere), 'cudnn' (fused flash attention on
-  NVIDIA GPUs through `jax.nn.dot_product_attention`; needs bf16/fp16 compute), or 'auto'
-  (cudnn on a GPU backend with bf16/fp16 compute, xla otherwise).
+
+def attention_inputs(segment_ids: jax.Array, implementation: str, dtype, packed_rows: bool) -> jax.Array:
+  """What every causal self-attention layer of a decoder takes, built once per forward pass:
+  the fused ('cudnn') path on rows of one right-padded example each gets their lengths [B]
+  (int32; cuDNN then skips the blocks above the diagonal and the padding, and no [B, T, T]
+  mask exists), every other case the boolean mask [B, 1, T, T] of `attention_mask`."""
+  if resolve_attention(implementation, dtype) == "cudnn" and not packed_rows:
+    return jnp.sum(segment_ids != 0, axis=-1).astype(jnp.int32)
+  return attention_mask(segment_ids, segment_ids, causal=True)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          implementation: str = "xla", causal: bool = False) -> jax.Array:
+  """Grouped-query attention. q: [B, T, N, H]; k, v: [B, S, K, H] -> [B, T, N, H]. `mask`: a
+  boolean [B, 1, T, S], None (every key), or the lengths [B] of right-padded one-example rows
+  (`attention_inputs`; causal, T == S).
+
+  `implementation`: 'xla' (einsums; runs everywhere), 'cudnn' (`jax.nn.dot_product_attention`:
+  cuDNN's fused flash attention on an NVIDIA GPU, needs bf16/fp16 compute; on other backends
+  the same call runs its XLA implementation, which is how the CPU tests check this path), or
+  'auto' (cudnn on a GPU backend with bf16/fp16 compute, xla otherwise). The cudnn path gets
+  `is_causal` and sequence lengths where it can (no mask at all), else the mask with
+  `is_causal` (packed rows: the slower path, a T x S bias per layer).
 
   `causal=True` promises that `mask` is False wherever the key index exceeds the query index
   (T == S, as for `attention_mask(..., causal=True)` without cache positions). The 'xla'
@@ -269,11 +292,19 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   least one key. Rows that see no key at all (padding) get an unspecified finite value,
   as they do without it.
   """
-  if implementation == "auto":
-    gpu = jax.default_backend() == "gpu"
-    implementation = "cudnn" if gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-  if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+  lengths = None
+  if mask is not None and mask.ndim == 1:
+    lengths, causal = mask, True
+  if resolve_attention(implementation, q.dtype) == "cudnn":
+    fused = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=None if lengths is not None else mask, is_causal=causal,
+                                        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                        implementation=fused)
+  if lengths is not None:
+    seg = (jnp.arange(q.shape[1])[None] < lengths[:, None]).astype(jnp.int32)
+    mask = attention_mask(seg, seg, causal=True)
+  if mask is None:
+    mask = jnp.ones((q.shape[0], 1, q.shape[1], k.shape[1]), bool)
   if causal and q.shape[1] == k.shape[1] and q.shape[1] > _CAUSAL_BLOCK_MIN:
     return causal_block_attention(q, k, v, mask)
   b, t, n, h = q.shape

@@ -47,6 +47,10 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # a key of REMAT_POLICIES
   attention: str = "auto"  # 'auto', 'xla' or 'cudnn' (see layers.dot_product_attention)
+  packed_rows: bool = True  # rows may hold several examples (segment ids 1, 2, ...); False: one right-padded
+  #                           example per row, so fused attention takes sequence lengths instead of a mask
+  logits_chunk: int = 0  # the losses compute logits this many positions at a time (0 = all at once), so a
+  #                        step never holds the whole [B, T, V] float32 logits (losses.chunked_token_log_probs)
   lora_alpha: float = 16.0
   lora_rslora: bool = False
   lora_dropout: float = 0.0
@@ -79,10 +83,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, deterministic=True, cache=None, causal=False):
-    """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S]. `cache` (sampler only) is a dict
-    with 'k', 'v' [B, S, K, H] and 'index' (write offset), returned updated. `causal=True`
-    promises that `mask` hides every key after its query (by index; lets attention skip
-    those blocks)."""
+    """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, S], or the lengths [B] of right-padded
+    one-example rows (`layers.attention_inputs`). `cache` (sampler only) is a dict with 'k',
+    'v' [B, S, K, H] and 'index' (write offset), returned updated; a prefill (T > 1, the
+    cache empty before it) attends over its own keys only, causally by slot, on the model's
+    attention path; a decode step (T = 1) over the cache with XLA. `causal=True` promises that
+    `mask` hides every key after its query (by index; lets attention skip those blocks)."""
     c = self.cfg
     b, t, _ = x.shape
     q = c.dense(c.n_heads * c.head_dim, ("embed", "heads"), "q_proj", c.qkv_bias)(x, deterministic)
@@ -96,12 +102,16 @@ class Attention(nn.Module):
     q = layers.apply_rope(q, positions, inv_freq, max_position)
     k = layers.apply_rope(k, positions, inv_freq, max_position)
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
+    implementation = c.attention
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache["index"], 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache["index"], 1)
-      cache = dict(cache, k=k, v=v)
-    out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, c.attention,
-                                       causal=causal and cache is None)
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache["index"], 1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache["index"], 1)
+      cache = dict(cache, k=k_all, v=v_all)
+      if t > 1:  # prefill from slot 0: the later slots are empty and masked, so attend over this block only
+        k, v, mask, causal = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype), mask[..., :t], True
+      else:
+        k, v, causal, implementation = k_all, v_all, False, "xla"
+    out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation, causal=causal)
     out = checkpoint_name(out, "attn_out")
     out = out.reshape(b, t, c.n_heads * c.head_dim)
     out = c.dense(c.d_model, ("heads", "embed"), "o_proj")(out, deterministic)
@@ -170,12 +180,13 @@ class Llama(nn.Module):
       logits = self.lm_head(h)
     return nn.with_logical_constraint(logits.astype(jnp.float32), layers.ACT_BTV)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True):
-    """tokens, positions, segment_ids: [B, T] int32 (segment 0 = padding) -> logits [B, T, V]."""
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic=True, return_hidden=False):
+    """tokens, positions, segment_ids: [B, T] int32 (segment 0 = padding) -> logits [B, T, V]
+    (`return_hidden`: the final normed hidden states [B, T, D] instead; `logits` maps them)."""
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+    mask = layers.attention_inputs(segment_ids, self.cfg.attention, self.cfg.compute_dtype, self.cfg.packed_rows)
     h, _ = self.hidden(self.embed_tokens(tokens), positions, mask, deterministic, causal=True)
-    return self.logits(h)
+    return h if return_hidden else self.logits(h)

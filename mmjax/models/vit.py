@@ -300,8 +300,7 @@ class Attention(nn.Module):
       q = jnp.concatenate([q[:, :n_prefix], apply_rope_2d(q[:, n_prefix:], sin, cos)], axis=1)
       k = jnp.concatenate([k[:, :n_prefix], apply_rope_2d(k[:, n_prefix:], sin, cos)], axis=1)
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", None))
-    mask = jnp.ones((b, 1, t, s), bool)
-    out = layers.dot_product_attention(q, k, v, mask, c.attention)
+    out = layers.dot_product_attention(q, k, v, None, c.attention)  # every token sees every token: no mask
     out = checkpoint_name(out, "attn_out").reshape(b, t, nh)
     if c.attn_norm:
       out = c.norm("norm")(out)

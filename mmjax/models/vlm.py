@@ -312,14 +312,17 @@ class VLM(nn.Module):
   def logits(self, h):
     return self.llm.logits(h)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, images=None, frames=None, deterministic=True):
+  def __call__(self, tokens, positions=None, segment_ids=None, images=None, frames=None, deterministic=True,
+               return_hidden=False):
     """tokens, positions, segment_ids: [B, T] int32 (segment 0 = padding); media as in the
-    module docstring -> logits [B, T, V] float32."""
+    module docstring -> logits [B, T, V] float32 (`return_hidden`: the final normed hidden
+    states [B, T, D] instead; `logits` maps them)."""
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    mask = layers.attention_mask(segment_ids, segment_ids, causal=True)
+    c = self.cfg.llm
+    mask = layers.attention_inputs(segment_ids, c.attention, c.compute_dtype, c.packed_rows)
     x = self.embed(tokens, images, frames, deterministic)
-    h, _ = self.llm.hidden(x, positions, mask, deterministic)
-    return self.llm.logits(h)
+    h, _ = self.llm.hidden(x, positions, mask, deterministic, causal=True)
+    return h if return_hidden else self.llm.logits(h)

@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mmjax import losses
 from mmjax.data import pipeline
 
 
@@ -55,6 +56,35 @@ class Objective:
     """(loss sum, normaliser, {metric: sum}) over the batch's rows; the step divides the
     loss and metric sums by the normaliser summed over the whole accumulated batch."""
     raise NotImplementedError
+
+  # -- decoder outputs for token losses (SFT, DPO) --------------------------------------------
+  @property
+  def logits_chunk(self) -> int:
+    """The decoder's `logits_chunk` (0 when the model has none)."""
+    cfg = getattr(self.model, "cfg", None)
+    return int(getattr(getattr(cfg, "llm", cfg), "logits_chunk", 0) or 0)
+
+  def decoder_outputs(self, variables, tokens, positions, segment_ids, rng, train: bool, media: dict):
+    """What the token losses below take: logits [B, T, V], or with `logits_chunk` the final
+    hidden states [B, T, D], from which the losses compute logits a chunk at a time."""
+    return self.model.apply(variables, tokens, positions, segment_ids, deterministic=not train,
+                            rngs={"dropout": rng} if train else {}, return_hidden=self.logits_chunk > 0, **media)
+
+  def _head(self, variables):
+    return lambda h: self.model.apply(variables, h, method="logits")
+
+  def cross_entropy_and_accuracy(self, variables, outputs, targets, mask):
+    """(nll sum, mask count, correct count) of `decoder_outputs`."""
+    if self.logits_chunk:
+      return losses.chunked_cross_entropy_and_accuracy(self._head(variables), outputs, targets, mask,
+                                                       self.logits_chunk)
+    return losses.cross_entropy_and_accuracy(outputs, targets, mask)
+
+  def sequence_log_probs(self, variables, outputs, targets, mask):
+    """Summed log p(target) over each row's mask [B] of `decoder_outputs`."""
+    if self.logits_chunk:
+      return losses.chunked_sequence_log_probs(self._head(variables), outputs, targets, mask, self.logits_chunk)
+    return losses.sequence_log_probs(outputs, targets, mask)
 
   def tokens(self, batch: dict):
     """Tokens (or examples) processed, for throughput: non-padding positions."""

@@ -177,21 +177,19 @@ class DPO(base.Objective):
     """Logits [len(prefixes) * B, T, V] of the rows of `prefixes`, one forward pass."""
     cat = lambda f: jnp.concatenate([batch[f"{p}_{f}"] for p in prefixes], axis=0)
     media = {k: jnp.concatenate([batch[k]] * len(prefixes), axis=0) for k in self.media}
-    variables = {k: v for k, v in variables.items() if k != "aux"}
-    return self.model.apply(variables, cat("tokens"), cat("positions"), cat("segment_ids"),
-                            deterministic=not train, rngs={"dropout": rng} if train else {}, **media)
+    return self.decoder_outputs(_model_variables(variables), cat("tokens"), cat("positions"), cat("segment_ids"),
+                                rng, train, media)
 
   def sequence_logps(self, variables, batch, rng=None, train=False):
     """Summed response log-probs of the chosen and rejected rows: ([B], [B])."""
-    logits = self._forward(variables, batch, ("chosen", "rejected"), rng, train)
-    return self._split_logps(logits, batch)
+    out = self._forward(variables, batch, ("chosen", "rejected"), rng, train)
+    return self._split_logps(variables, out, batch)
 
-  @staticmethod
-  def _split_logps(logits, batch):
+  def _split_logps(self, variables, out, batch):
     b = batch["chosen_tokens"].shape[0]
     targets = jnp.concatenate([batch["chosen_targets"], batch["rejected_targets"]])
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    logps = losses.sequence_log_probs(logits[:2 * b], targets, mask)
+    logps = self.sequence_log_probs(_model_variables(variables), out[:2 * b], targets, mask)
     return logps[:b], logps[b:]
 
   def reference_logps(self, variables, batch):
@@ -206,8 +204,8 @@ class DPO(base.Objective):
 
   def loss(self, variables, batch, rng, train: bool):
     b = batch["chosen_tokens"].shape[0]
-    logits = self._forward(variables, batch, self.row_prefixes, rng, train)
-    pc, pr = self._split_logps(logits, batch)
+    out = self._forward(variables, batch, self.row_prefixes, rng, train)
+    pc, pr = self._split_logps(variables, out, batch)
     rc, rr = self.reference_logps(variables, batch)
     per_pair, cr, rj = losses.dpo_loss(
         pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
@@ -217,7 +215,8 @@ class DPO(base.Objective):
     sums = {"dpo_loss": dpo_sum}
     loss_sum = dpo_sum
     if self.gt_weight > 0:
-      nll, count = losses.fused_cross_entropy(logits[2 * b:], batch["gt_targets"], batch["gt_mask"])
+      nll, count, _ = self.cross_entropy_and_accuracy(_model_variables(variables), out[2 * b:], batch["gt_targets"],
+                                                      batch["gt_mask"])
       gt_sum = nll / jnp.maximum(count, 1.0) * n_pairs  # token mean, weighted like the pair mean
       loss_sum = loss_sum + self.gt_weight * gt_sum
       sums["gt_nll"] = gt_sum
@@ -249,3 +248,8 @@ class DPO(base.Objective):
 
 
 OBJECTIVE = DPO
+
+
+def _model_variables(variables: dict) -> dict:
+  """The model's collections of the variables a loss sees (without the objective's `aux`)."""
+  return {k: v for k, v in variables.items() if k != "aux"}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmjax import losses
 from mmjax.objectives import base
 
 NAME = "sft"
@@ -27,12 +26,11 @@ class SFT(base.Objective):
     return BATCH_FIELDS + tuple(self.media)
 
   def loss(self, variables, batch, rng, train: bool):
-    logits = self.model.apply(
-        variables, batch["tokens"], batch["positions"], batch["segment_ids"],
-        deterministic=not train, rngs={"dropout": rng} if train else {},
-        **{k: batch[k] for k in self.media})
-    # one fused pass for the loss and accuracy (custom VJP; see losses.cross_entropy_and_accuracy)
-    loss_sum, count, correct = losses.cross_entropy_and_accuracy(logits, batch["targets"], batch["loss_mask"])
+    out = self.decoder_outputs(variables, batch["tokens"], batch["positions"], batch["segment_ids"], rng, train,
+                               {k: batch[k] for k in self.media})
+    # one fused pass for the loss and accuracy (custom VJP; see losses.cross_entropy_and_accuracy),
+    # or a chunk of positions at a time (model.logits_chunk)
+    loss_sum, count, correct = self.cross_entropy_and_accuracy(variables, out, batch["targets"], batch["loss_mask"])
     return loss_sum, count, {"loss": loss_sum, "accuracy": correct}
 
 

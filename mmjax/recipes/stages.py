@@ -12,7 +12,9 @@ finishes it writes its merged params to `final/` and its eval metrics to `done.j
 restarted recipe skips finished stages and resumes the current one at its last checkpoint.
 A finished recipe prints a table of every stage's held-out metrics and writes it to
 `results.txt`, the metrics to `results.json` and the loss curves to `loss_curves.png`
-(`mmjax.recipes.results`); the last stage's model is exported by its family.
+(`mmjax.recipes.results`). The last stage's model is exported by its family before that stage's
+`done.json` is written, each output directory atomically, so a kill at any point leaves nothing
+half-written and the rerun of the same command completes what is missing.
 
 With no stages, the config itself is the only stage and works in WORKDIR.
 """
@@ -97,6 +99,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     results[name] = summary
     if summary["preempted"]:
       break
+    if name == names[-1]:  # the model, before done.json: a rerun after a kill here exports it again
+      run.family.export(workdir, cfg, run, summary["state"].variables)
     if recipe:
       with jax.set_mesh(mesh):
         finals[name] = summary["run"].merged_params(summary["state"])
@@ -105,9 +109,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         atomic_write(done, json.dumps({k: summary.get(k) for k in ("eval_before", "eval_after")}))
     prev = name
   finished = not any(isinstance(r, dict) and r.get("preempted") for r in results.values())
-  last = results.get(names[-1]) if finished else None
-  if last is not None and "state" in last:
-    last["run"].family.export(workdir, cfg, last["run"], last["state"])
   if finished and jax.process_index() == 0:
     stage_dirs = [(n, os.path.join(workdir, "stages", n) if recipe else workdir) for n in results]
     results_lib.write(workdir, results, stage_dirs, recipe)

@@ -6,6 +6,12 @@ comes from `mmjax.train.run.build`; the objective supplies the data (`train_iter
 `eval_batches`) and any metrics beyond the loss (`extra_eval`), so nothing here depends on
 which objective or model family trains. A directed fine-tuning stage steps its groups in
 schedule order; a plain stage is the one-group case.
+
+The host never waits for the device between plain steps: a step's metrics are fetched after
+the next step is dispatched, and only evaluation, checkpoint and stop steps wait for their
+own (a state is saved or evaluated only after its loss was seen to be finite). Checkpoints
+are written in the background (`mmjax.train.checkpoint`); SIGTERM/SIGINT is looked at every
+step on one process and every STOP_CHECK_EVERY steps, through a collective, on many.
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ from mmjax.train import checkpoint as ckpt_lib
 from mmjax.train import groups as groups_lib
 from mmjax.train import metrics as metrics_lib
 from mmjax.train.run import Run, build
+
+
+STOP_CHECK_EVERY = 10  # steps between the hosts' agreement on a SIGTERM (SLURM warns 120 s ahead)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -63,6 +72,11 @@ class _StopFlag:
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
+
+  def due(self, done: int, total: int) -> bool:
+    """Whether to look at the flag after step `done`: every step on one process; with many,
+    every STOP_CHECK_EVERY steps and at the end, as the hosts agree through a collective."""
+    return jax.process_count() == 1 or done % STOP_CHECK_EVERY == 0 or done == total
 
   def requested(self) -> bool:
     flag = self.signal is not None
@@ -115,10 +129,12 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
     rng = jax.random.key(config.seed)
     state = run.init_state(rng) if base_params is None else run.init_from_params(rng, base_params)
     start = 0
-    if ckpt.latest_step() is not None:
-      state = ckpt.restore(state, train_iter)
+    restored = ckpt.restore(state, train_iter)  # the newest intact checkpoint, if any
+    if restored is not None:
+      state = restored
       start = int(jax.device_get(state.step))
       writer.line(f"{prefix}resumed from {ckpt.directory}/{start}")
+    writer.resume(start)  # metrics.jsonl keeps the rows up to the checkpoint, so each step is there once
     n_train = lora_lib.count(state.trainable)
     n_total = n_train + lora_lib.count(state.frozen)
     writer.line(f"{prefix}mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} "
@@ -132,41 +148,54 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
     peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.model.dtype,
                                    config.peak_tflops_per_device)
     rng = jax.random.key(config.seed + 1)
-    last = None
+    last, pending = None, None
+    t_prev = time.perf_counter()
+
+    def settle(done, m):
+      """Fetches step `done`'s metrics (the step after it may already run), checks and logs them."""
+      nonlocal last, t_prev
+      m = jax.device_get(m)
+      now = time.perf_counter()
+      dt, t_prev = now - t_prev, now
+      if not math.isfinite(float(m["loss"])):
+        last_good = ckpt.latest_step()
+        where = f"{ckpt.directory}/{last_good}" if last_good is not None else "none saved yet"
+        ckpt.close()
+        writer.close()
+        raise NonFiniteLoss(f"non-finite loss {float(m['loss'])} at step {done}; stopped without saving; "
+                            f"last good checkpoint: {where}")
+      last = _step_metrics(run, m, done - 1, dt, peak)
+      if done % config.log_every == 0 or done == config.steps or done == start + 1:
+        writer.write(done, last)
+        writer.progress(done, last)
+
     with _StopFlag() as stop:
-      t_prev = time.perf_counter()
       for step in range(start, config.steps):
         group, local = next(train_iter)
         objective, step_fn = steps[group]
         state, m = step_fn(state, run.global_batch(local, objective), rng)
-        m = jax.device_get(m)
-        now = time.perf_counter()
-        dt, t_prev = now - t_prev, now
-        if not math.isfinite(float(m["loss"])):
-          last_good = ckpt.latest_step()
-          where = f"{ckpt.directory}/{last_good}" if last_good is not None else "none saved yet"
-          ckpt.close()
-          writer.close()
-          raise NonFiniteLoss(f"non-finite loss {float(m['loss'])} at step {step + 1}; stopped without saving; "
-                              f"last good checkpoint: {where}")
-        last = _step_metrics(run, m, step, dt, peak)
         done = step + 1
-        if done % config.log_every == 0 or done == config.steps or done == start + 1:
-          writer.write(done, last)
-          writer.progress(done, last)
-        if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+        if pending is not None:  # the previous step's metrics, fetched while this one runs
+          settle(*pending)
+        pending = (done, m)
+        evaluate_now = config.eval_every and done % config.eval_every == 0 and done != config.steps
+        save_now = done % config.checkpoint_every == 0 or done == config.steps
+        stopping = stop.due(done, config.steps) and stop.requested()
+        if evaluate_now or save_now or stopping:  # a state saved or evaluated has had its loss checked
+          settle(*pending)
+          pending = None
+        if evaluate_now:
           ev = evaluate(run, state, eval_batches)
           writer.write(done, ev, "eval")
           writer.line(f"{prefix}eval at step {done}: " + _fmt(ev))
-        if done % config.checkpoint_every == 0:
-          ckpt.save(state, train_iter)
-        if stop.requested():
+        if save_now:
+          ckpt.save(state, train_iter, force=done == config.steps)
+        if stopping:
           ckpt.save(state, train_iter, force=True)
           writer.line(f"{prefix}stopped by signal at step {done}; checkpoint saved in {ckpt.directory}/{done}")
           summary["preempted"] = True
           break
-      else:
-        ckpt.save(state, train_iter, force=True)
+      ckpt.wait()  # the last save is complete before evaluation, export or exit
     if not summary["preempted"]:
       summary["eval_after"], answers = full_eval(state)
       writer.write(int(jax.device_get(state.step)), summary["eval_after"], "eval")

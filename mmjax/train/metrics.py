@@ -10,6 +10,8 @@ import time
 
 import jax
 
+from mmjax.files import atomic_write
+
 # Dense peak TFLOP/s per device by (device kind substring, compute dtype). Sources: vendor
 # data sheets (dense, no sparsity). fp32 on NVIDIA uses TF32 tensor cores only if enabled,
 # so the fp32 entries are the plain FP32 peaks. CPUs are not listed: report TFLOP/s only,
@@ -44,16 +46,37 @@ class MetricsWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.jsonl = open(self.path, "a")
+    self.written = set()  # (split, step) rows written by this writer
     try:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tb"))
     except ImportError:  # tensorboardX is an install requirement; keep running without it
       self.tb = None
 
-  def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+  def resume(self, step: int) -> None:
+    """Drops the rows a resumed run writes again: every row after `step` (the checkpoint it
+    resumed from; 0 for a fresh start) and the eval at `step`. The file is rewritten atomically."""
     if not self.enabled:
       return
+    self.jsonl.close()
+    keep = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+        except json.JSONDecodeError:  # a line a kill cut short
+          continue
+        if r.get("step", 0) < step or (r.get("step") == step and r.get("split") == "train" and step > 0):
+          keep.append(line if line.endswith("\n") else line + "\n")
+    atomic_write(self.path, "".join(keep))
+    self.jsonl = open(self.path, "a")
+
+  def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+    if not self.enabled or (prefix, step) in self.written:  # e.g. a finished run's eval, re-run: once
+      return
+    self.written.add((prefix, step))
     row = {"step": step, "split": prefix, "time": round(time.time() - self.start, 3)}
     row.update({k: (float(v) if v is not None else None) for k, v in metrics.items()})
     self.jsonl.write(json.dumps(row) + "\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from mmjax.files import atomic_write
+
 
 def read_rows(path) -> list[dict]:
   """The rows of a metrics.jsonl file, one per (split, step), sorted by step ([] if absent)."""
@@ -50,6 +52,6 @@ def loss_curves(workdir: str, stages: list[tuple[str, str]], out: str = "loss_cu
   ax.grid(alpha=0.3)
   fig.tight_layout()
   path = os.path.join(workdir, out)
-  fig.savefig(path)
+  atomic_write(path, lambda f: fig.savefig(f, format=os.path.splitext(out)[1][1:] or "png"))
   plt.close(fig)
   return path

@@ -14,6 +14,7 @@ import types
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
@@ -91,7 +92,8 @@ def init_variables(rng, model, dummy, lora_cfg, params=None) -> dict:
     params = nn.meta.unbox(model.init(p_rng, *dummy)["params"])
   variables = {"params": params}
   if lora_cfg.targets:
-    variables["lora"] = lora_lib.init(l_rng, params, lora_cfg.targets, lora_cfg.rank)
+    variables["lora"] = lora_lib.init(l_rng, params, lora_cfg.targets, lora_cfg.rank,
+                                      dtype=jnp.dtype(lora_cfg.dtype) if lora_cfg.get("dtype") else None)
   return variables
 
 

@@ -10,6 +10,7 @@ from mmjax.config.core import ConfigError, check_choice, check_positive, check_r
 from mmjax.sharding import DEFAULT_RULES, mesh_shape, rules_from_config
 
 SCHEDULES = ("cosine", "linear", "constant")
+STORE_DTYPES = ("float32", "bfloat16", "")  # '' = as the params
 POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "checkpoint_every",
             "keep_checkpoints", "eval_batch_size", "lora.rank", "optimizer.lr")
 
@@ -24,6 +25,8 @@ def config_dict() -> dict:
           alpha=16.0,
           dropout=0.0,
           rslora=False,  # scale alpha/sqrt(rank) instead of alpha/rank
+          dtype="float32",  # the adapter's stored dtype, whatever the base's param_dtype; its matmul runs in
+          #                   model.dtype. '' = the base kernel's dtype
       )),
       trainable=("lora/.*",),  # regexes (full match) over variable paths such as 'params/lm_head/kernel'
       optimizer=ml_collections.ConfigDict(dict(
@@ -34,6 +37,8 @@ def config_dict() -> dict:
           warmup_steps=10,
           end_lr_fraction=0.1,  # final lr = lr * end_lr_fraction
           clip_norm=1.0,  # global-norm clipping; 0 = off
+          moment_dtype="float32",  # AdamW's moments (and the update) in this dtype whatever the trainable
+          #                          params' dtype; '' = the params' own dtype
       )),
       seq_len=64,  # tokens per row
       batch_size=16,  # global batch (rows per optimizer step, all hosts together)
@@ -52,7 +57,7 @@ def config_dict() -> dict:
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),  # one axis may be -1
       rules=tuple((k, v) for k, v in DEFAULT_RULES),  # logical axis -> mesh axes
       peak_tflops_per_device=0.0,  # for MFU; 0 = look up the device in the peak table
-      reuse_host_memory=True,  # glibc keeps freed host memory for the next step instead of
+      reuse_host_memory=True,  # on CPU hosts: glibc keeps freed host memory for the next step instead of
       #                          re-faulting XLA:CPU's per-step buffer (mmjax/runtime.py; ~20% on CPU)
   )
 
@@ -60,6 +65,8 @@ def config_dict() -> dict:
 def validate(config, env) -> None:
   check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
   check_positive(config, *POSITIVE)
+  check_choice("lora.dtype", config.lora.dtype, STORE_DTYPES)
+  check_choice("optimizer.moment_dtype", config.optimizer.moment_dtype, STORE_DTYPES)
   if not 0.0 <= config.lora.dropout < 1.0:
     raise ConfigError(f"config.lora.dropout={config.lora.dropout!r} must be in [0, 1)")
   for key, pattern in (("lora.targets", config.lora.targets), ("optimizer.decay_mask", config.optimizer.decay_mask)):

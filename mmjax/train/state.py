@@ -81,7 +81,32 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
     parts.append(optax.clip_by_global_norm(opt_cfg.clip_norm))
   parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                            weight_decay=opt_cfg.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  return in_dtype(tx, jnp.dtype(opt_cfg.moment_dtype) if opt_cfg.get("moment_dtype") else None), schedule
+
+
+def in_dtype(tx: optax.GradientTransformation, dtype=None) -> optax.GradientTransformation:
+  """`tx` run on `dtype` copies of the gradients and params, so its state (AdamW's moments) and
+  its updates are `dtype` whatever the params' dtype (PEFT and MaxText keep them float32 for
+  bf16 weights); `optax.apply_updates` casts each update back to its param's dtype. dtype=None:
+  each gradient is cast to its param's dtype (gradients summed in float32 over micro-batches
+  come back to it), so the state keeps the params' dtypes. With gradients and params already in
+  that dtype this is `tx` exactly."""
+  def cast(tree, like=None):
+    def one(x, p):
+      to = dtype if dtype is not None else (p.dtype if p is not None else x.dtype)
+      return x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree.map(one, tree, tree if like is None else like)
+
+  def init(params):
+    return tx.init(cast(params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      return tx.update(cast(updates), state, None)
+    return tx.update(cast(updates, params), state, cast(params))
+
+  return optax.GradientTransformation(init, update)
 
 
 def create_state(variables: dict, patterns: Sequence[str], tx: optax.GradientTransformation,

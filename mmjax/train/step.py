@@ -3,7 +3,8 @@
 `train_step(state, batch, rng, *, objective, tx, accum_steps)`: the batch's leading axis
 is split into `accum_steps` micro-batches that run under `lax.scan`; gradients and metric
 sums add up, and everything is divided by the objective's normaliser summed over all
-micro-batches (for SFT: the number of loss tokens in the whole accumulated batch).
+micro-batches (for SFT: the number of loss tokens in the whole accumulated batch). Accumulated
+gradients are float32 whatever the params' dtype.
 
 `update_mask` (a tree like `state.trainable` of Python bools, or None for all) restricts
 the step to some trainable leaves (directed fine-tuning, `mmjax.train.groups`): the others
@@ -47,15 +48,16 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, objective, tx,
       micro, i = xs
       (_, (n, s)), g = grad_fn(state.trainable, micro, jax.random.fold_in(rng, i))
       acc_g, acc_n, acc_s = carry
-      return (jax.tree.map(jnp.add, acc_g, g), acc_n + n, jax.tree.map(jnp.add, acc_s, s)), None
+      return (jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc_g, g), acc_n + n,
+              jax.tree.map(jnp.add, acc_s, s)), None
 
     micro = _micro_batches(batch, accum_steps)
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(grad_fn, state.trainable, first, rng)
     (_, (n0, s0)), g0 = shapes
-    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)
-    (grads, norm, sums), _ = jax.lax.scan(
-        body, (zeros(g0), jnp.zeros(n0.shape, n0.dtype), zeros(s0)),
+    zeros = lambda t, dtype=None: jax.tree.map(lambda x: jnp.zeros(x.shape, dtype or x.dtype), t)
+    (grads, norm, sums), _ = jax.lax.scan(  # gradients summed in float32, whatever the params' dtype
+        body, (zeros(g0, jnp.float32), jnp.zeros(n0.shape, n0.dtype), zeros(s0)),
         (micro, jnp.arange(accum_steps)))
   denom = jnp.maximum(norm, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
