@@ -31,7 +31,8 @@ stage after pretrain), directed and joint; results.json and loss_curves.png go t
 
 Args: scale (multiplies step counts; scale=0.02 for a smoke test), mode (sequential |
 interleaved), steps (directed steps per group; joint gets the same total), eval (held-out
-videos captioned per evaluation), image/video/text (train set size of each group's data).
+videos captioned per evaluation), image/video/text (train set size of each group's data),
+seed (the run seed and the generated train/eval sets; `tools/seeds.py` runs several seeds).
 """
 import ml_collections
 
@@ -42,7 +43,7 @@ ALL_PROJECTIONS = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|do
 
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, mode="sequential", steps=100, eval=32,
-                              image=5_000, video=5_000, text=5_000)
+                              image=5_000, video=5_000, text=5_000, seed=0)
   if args.mode not in ("interleaved", "sequential"):
     raise core.ConfigError(f"config arg mode={args.mode!r} is not valid; choose 'sequential' or 'interleaved'")
   c = schema.base_config()
@@ -89,4 +90,5 @@ def get_config(arg=None):
     order = ("pretrain", "image", "text", "video", "joint")
   c.stage_order = order
   c.stages = ml_collections.ConfigDict(stages)
+  core.apply_seed(c, args.seed)
   return c

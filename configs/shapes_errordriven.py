@@ -28,7 +28,8 @@ methods per budget, the student being the `@start` row.
 
 Args: scale (multiplies step counts; scale=0.02 for a smoke test), budgets (dash-separated,
 e.g. '300-1000'), pool (pool size), val (validation questions the student answers), steps
-(fine-tuning steps per stage), eval (held-out questions per evaluation), teacher (facts | model).
+(fine-tuning steps per stage), eval (held-out questions per evaluation), teacher (facts | model),
+seed (the run seed and the generated train/eval sets; `tools/seeds.py` runs several seeds).
 """
 import ml_collections
 
@@ -41,7 +42,7 @@ POOL_SKILLS = ("count", "size", "position", "existence")
 
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, budgets="300-1000-3000", pool=6000, val=128, steps=150, eval=256,
-                              teacher="facts")
+                              teacher="facts", seed=0)
   budgets = [int(b) for b in args.budgets.split("-") if b]
   c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
@@ -80,4 +81,5 @@ def get_config(arg=None):
   order.append("full")
   c.stage_order = tuple(order)
   c.stages = ml_collections.ConfigDict(stages)
+  core.apply_seed(c, args.seed)
   return c

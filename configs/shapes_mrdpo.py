@@ -23,7 +23,8 @@ first-step DPO loss), and writes results.json and loss_curves.png in the workdir
 Args: scale (multiplies step counts and prompt counts; scale=0.05 for a smoke test),
 rounds (R), eval (held-out images captioned per evaluation), prompts (per round),
 cands (candidates per prompt), temperature (candidate sampling), dpo_steps (per round),
-distill (rebirth prompts).
+distill (rebirth prompts),
+seed (the run seed and the generated train/eval sets; `tools/seeds.py` runs several seeds).
 """
 import ml_collections
 
@@ -34,7 +35,7 @@ ALL_PROJECTIONS = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|do
 
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, rounds=3, eval=256, prompts=256, cands=4, distill=128, dpo_steps=60,
-                              temperature=0.8)
+                              temperature=0.8, seed=0)
   c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   c.vision.update(image_size=48, patch_size=16, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)
@@ -68,4 +69,5 @@ def get_config(arg=None):
     c.stages[name] = ml_collections.ConfigDict(dict(
         objective="dpo", steps=steps(args.dpo_steps), batch_size=8, lora=lora, trainable=("lora/.*",),
         optimizer=dict(lr=5e-4, warmup_steps=0, schedule="constant")))
+  core.apply_seed(c, args.seed)
   return c

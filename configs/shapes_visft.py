@@ -20,7 +20,8 @@ To start from a real tower instead of `pretrain`, set
 (see configs/clip_coco_visft.py for COCO on a GPU node).
 
 Args: scale (float, multiplies all step counts; e.g. scale=0.02 for a smoke test),
-eval (held-out images for the task metrics), probe (train images the probes are fitted on).
+eval (held-out images for the task metrics), probe (train images the probes are fitted on),
+seed (the run seed and the generated train/eval sets; `tools/seeds.py` runs several seeds).
 """
 import ml_collections
 
@@ -30,7 +31,7 @@ TOWER_LORA = r"vision/layers_\d+/(self_attn/(q_proj|k_proj|v_proj|out_proj)|mlp/
 
 
 def get_config(arg=None):
-  args = core.parse_arg(arg, scale=1.0, eval=128, probe=512)
+  args = core.parse_arg(arg, scale=1.0, eval=128, probe=512, seed=0)
   c = schema.base_config()
   c.objective = "visft"
   c.model.name = "visft"
@@ -62,4 +63,5 @@ def get_config(arg=None):
           steps=steps(200), trainable=("lora/vision/.*",), optimizer=dict(lr=1e-3),
           lora=dict(targets=TOWER_LORA, rank=64, alpha=64.0)),
   })
+  core.apply_seed(c, args.seed)
   return c

@@ -15,7 +15,8 @@ facts (exact match, missing, hallucination, repetition); the recipe prints a tab
 captions next to the truth, and writes results.json and loss_curves.png in the workdir.
 
 Args: scale (float, multiplies all step counts; e.g. scale=0.05 for a smoke test),
-eval (held-out examples captioned per evaluation).
+eval (held-out examples captioned per evaluation),
+seed (the run seed and the generated train/eval sets; `tools/seeds.py` runs several seeds).
 """
 import ml_collections
 
@@ -25,7 +26,7 @@ ALL_PROJECTIONS = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|do
 
 
 def get_config(arg=None):
-  args = core.parse_arg(arg, scale=1.0, eval=32)
+  args = core.parse_arg(arg, scale=1.0, eval=32, seed=0)
   c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   # 48x48 images in 16x16 patches: one visual token per cell of the shapes 3x3 grid.
@@ -52,4 +53,5 @@ def get_config(arg=None):
           data=dict(task="video_caption"), optimizer=dict(lr=2e-3),
           sample_eval=dict(num_examples=args.eval, max_new_tokens=56, show=3)),
   })
+  core.apply_seed(c, args.seed)
   return c

@@ -78,6 +78,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def apply_seed(config, seed: int):
+  """A recipe's `seed` arg: the run seed (initialisation, dropout, data order) and the
+  generated data sets (`data.split_seed`) both follow it. Returns `config`."""
+  if seed < 0:
+    raise ConfigError(f"config arg seed={seed} is not valid; expected an integer >= 0")
+  config.seed = seed
+  config.data.split_seed = seed
+  return config
+
+
 def leaves(cfg, prefix: str = "", skip=()) -> Iterator[tuple[str, object]]:
   """(dotted path, value) of every non-dict value of a ConfigDict (or dict), depth first;
   paths in `skip` are not descended into (nor yielded)."""

@@ -43,6 +43,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       packing=False,  # pack several examples per row (segment ids 1, 2, ...)
       num_train_examples=20_000,  # generated train set size
       num_eval_examples=256,  # generated eval set size; 0 = no eval set
+      split_seed=0,  # generated sets (generated, shapes): which train and eval sets; another value draws
+      #                new ones (content seeds 2 * split_seed for train, 2 * split_seed + 1 for eval)
       shuffle=True,  # reshuffle the train set every epoch with the run seed
       worker_count=0,  # Grain worker processes; 0 = in-process
       image_size=32,  # images are resized (jsonl image paths) or rendered (shapes) at this size
@@ -97,6 +99,8 @@ def _size(c, split) -> int:
 def _check_sizes(c) -> None:
   if c.num_train_examples <= 0:
     raise _bad("num_train_examples", c.num_train_examples, "expected a positive count")
+  if c.split_seed < 0:
+    raise _bad("split_seed", c.split_seed, "expected an integer >= 0")
   if c.num_eval_examples < 0:
     raise _bad("num_eval_examples", c.num_eval_examples, "expected a count >= 0")
 
@@ -106,10 +110,15 @@ def _keys(c) -> dict:
               media_root=c.media_root or None, video_frames=c.video_frames)
 
 
+def content_seed(c, split: str) -> int:
+  """The seed of a generated split's content: fixed by `data.split_seed`, not by the run's
+  seed (runs with different seeds see the same sets unless split_seed changes too)."""
+  return 2 * int(c.split_seed) + (0 if split == "train" else 1)
+
+
 def _open_generated(c, split):
-  # Content seeds are fixed per split: runs with different seeds see the same sets.
   n = _size(c, split)
-  return sources.GeneratedTask(c.task, n, seed=0 if split == "train" else 1, split=split) if n > 0 else None
+  return sources.GeneratedTask(c.task, n, seed=content_seed(c, split), split=split) if n > 0 else None
 
 
 def _check_generated(c) -> None:
@@ -130,7 +139,7 @@ def _shapes_config(c) -> shapes.ShapesConfig:
 
 def _open_shapes(c, split):
   n = _size(c, split)
-  return shapes.ShapesSource(c.task, n, seed=0 if split == "train" else 1, split=split,
+  return shapes.ShapesSource(c.task, n, seed=content_seed(c, split), split=split,
                              cfg=_shapes_config(c)) if n > 0 else None
 
 

@@ -68,7 +68,8 @@ def score(records, answers) -> dict:
           for r, a in zip(records, answers) if r.get("kind") in ("image_caption", "video_caption")]
   if caps:
     agg = captions.aggregate(caps)
-    out.update(missing=agg["missing"], hallucination=agg["hallucination"], repetition=agg["repetition"])
+    out.update(missing=agg["missing"], hallucination=agg["hallucination"], repetition=agg["repetition"],
+               micro_missing=agg["micro_missing"], micro_hallucination=agg["micro_hallucination"])
     if "timing" in agg:
       out["timing"] = agg["timing"]
   return out

@@ -21,29 +21,43 @@ def _agree(a: dict, b: dict) -> bool:
   return bool(common) and all(a[k] == b[k] for k in common)
 
 
-def table(results: dict) -> str:
-  """Each stage's eval after training; a `NAME @start` row before a stage whose starting
+def table_rows(results: dict) -> list[tuple[str, dict]]:
+  """(label, metrics) per table row: each stage's eval after training (with its
+  `first_dpo_loss` when it has one), and a `NAME @start` row before a stage whose starting
   metrics are in no row above (a new eval task, e.g. the base model a comparison starts from)."""
-  keys = []
-  for r in results.values():
-    for k in (r.get("eval_after") or {}):
-      if k not in keys:
-        keys.append(k)
-  w = max([14] + [len(k) + 2 for k in keys])
-  first = any("first_dpo_loss" in r for r in results.values())
-  rows = [f"{'stage':<16}" + "".join(f"{k:>{w}}" for k in keys) + (f"{'first_dpo_loss':>{w}}" if first else "")]
-  row = lambda label, ev, extra="": rows.append(f"{label:<16}" + "".join(f"{ev.get(k, float('nan')):>{w}.4f}"
-                                                                       for k in keys) + extra)
-  shown = []
+  rows, shown = [], []
   for name, r in results.items():
     before = r.get("eval_before") or {}
     if shown and before and not any(_agree(before, x) for x in shown):  # a new eval task or starting point
-      row(f"{name} @start", before, f"{'':>{w}}" if first else "")
+      rows.append((f"{name} @start", dict(before)))
       shown.append(before)
     ev = r.get("eval_after") or {}
-    row(name, ev, f"{r.get('first_dpo_loss', float('nan')):>{w}.4f}" if first else "")
+    extra = {"first_dpo_loss": r["first_dpo_loss"]} if r.get("first_dpo_loss") is not None else {}
+    rows.append((name, {**ev, **extra}))
     shown.append(ev)
-  return "\n".join(rows)
+  return rows
+
+
+def metric_keys(rows) -> list[str]:
+  """The metric names of table rows in first-seen order, first_dpo_loss last."""
+  keys = []
+  for _, m in rows:
+    for k in m:
+      if k not in keys:
+        keys.append(k)
+  return [k for k in keys if k != "first_dpo_loss"] + (["first_dpo_loss"] if "first_dpo_loss" in keys else [])
+
+
+def table(results: dict) -> str:
+  """The recipe's table: `table_rows`, one column per metric."""
+  rows = table_rows(results)
+  keys = metric_keys(rows)
+  w = max([14] + [len(k) + 2 for k in keys])
+  lines = [f"{'stage':<16}" + "".join(f"{k:>{w}}" for k in keys)]
+  for label, m in rows:
+    blank = lambda k: "" if k == "first_dpo_loss" and label.endswith(" @start") else "nan"
+    lines.append(f"{label:<16}" + "".join(f"{m[k]:>{w}.4f}" if k in m else f"{blank(k):>{w}}" for k in keys))
+  return "\n".join(lines)
 
 
 def write(workdir: str, results: dict, stage_dirs: list[tuple[str, str]], recipe: bool) -> None:

@@ -1,0 +1,66 @@
+"""tools/seeds.py: a recipe over several seeds, per-seed tables and mean ± sd; `seed` config
+args and data.split_seed."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, subprocess_env
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import seeds as seeds_tool  # noqa: E402
+
+
+def test_summary_is_mean_and_sample_sd_per_row_and_metric():
+  per_seed = {
+      0: {"pre": {"eval_after": {"loss": 2.0}}, "ft": {"eval_before": {"loss": 5.0, "acc": 0.1},
+                                                      "eval_after": {"loss": 1.0, "acc": 0.5}}},
+      1: {"pre": {"eval_after": {"loss": 4.0}}, "ft": {"eval_before": {"loss": 7.0, "acc": 0.3},
+                                                      "eval_after": {"loss": 3.0, "acc": 0.7}}},
+  }
+  s = seeds_tool.summarise(per_seed)
+  assert list(s) == ["pre", "ft @start", "ft"]  # the recipe table's rows
+  assert s["ft"]["acc"]["mean"] == pytest.approx(0.6) and s["ft"]["acc"]["sd"] == pytest.approx(math.sqrt(0.02))
+  assert s["ft"]["acc"]["se"] == pytest.approx(0.1) and s["ft"]["acc"]["n"] == 2
+  assert s["ft @start"]["loss"]["values"] == [5.0, 7.0]
+  text = seeds_tool.format_table(s, [0, 1])
+  assert "0.6000 ± 0.1414" in text and "ft @start" in text
+
+
+def test_seeded_config_replaces_the_seed_arg():
+  assert seeds_tool.seeded_config("configs/x.py", 2) == "configs/x.py:seed=2"
+  assert seeds_tool.seeded_config("configs/x.py:scale=0.1,seed=5", 1) == "configs/x.py:scale=0.1,seed=1"
+
+
+def test_split_seed_draws_other_generated_sets():
+  from mmjax.data import catalog
+  from helpers import tiny_config
+  c = tiny_config()
+  a = catalog.open_source(c.data, "eval")
+  c.data.split_seed = 1
+  b = catalog.open_source(c.data, "eval")
+  assert [a[i] for i in range(8)] != [b[i] for i in range(8)]
+  c.data.split_seed = 0
+  assert [catalog.open_source(c.data, "eval")[i] for i in range(8)] == [a[i] for i in range(8)]
+
+
+@pytest.mark.slow
+def test_two_seeds_of_a_shortened_recipe(tmp_path):
+  cmd = [sys.executable, "tools/seeds.py", "--config", "configs/shapes_vlm.py:scale=0.02,eval=4", "--seeds", "2",
+         "--workdir", str(tmp_path), "--", "--config.sample_eval.max_new_tokens=16"]
+  r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for k in (0, 1):
+    assert (tmp_path / f"seed_{k}" / "results.txt").exists()
+    assert json.loads((tmp_path / f"seed_{k}" / "config.json").read_text())["seed"] == k
+  summary = json.loads((tmp_path / "seeds.json").read_text())
+  assert summary["seeds"] == [0, 1]
+  loss = summary["rows"]["finetune"]["loss"]
+  assert loss["n"] == 2 and loss["values"][0] != loss["values"][1] and loss["sd"] > 0
+  assert "micro_missing" in summary["rows"]["finetune"]
+  assert "±" in (tmp_path / "seeds.txt").read_text()
+  again = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and "seed 0:" not in again.stdout  # finished seeds are not run again
