@@ -18,7 +18,8 @@ selection in mmjax/recipes/select.py):
               or shape; teacher=model: a longer-trained checkpoint's answers to every
               question about the failed image), and B pool records are retrieved by that
               gap profile and by similarity of the student's vision features to the failed
-              images; a fresh LoRA adapter trains on them;
+              images; a fresh LoRA adapter trains on them. The validation questions come
+              after the test questions in the held-out split and differ from them;
   random_B    the same with B pool records drawn at random;
   full        the same on the whole pool.
 Every fine-tuning stage trains the same number of steps and is scored on the same held-out
@@ -49,7 +50,8 @@ def get_config(arg=None):
   c.vision.update(image_size=48, patch_size=16, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)
   c.vlm.update(projector="mlp2", max_frames=4, temporal_pool=1)
   c.data.update(source="shapes", task="vqa", qa_skills=TARGET_SKILLS, tokenizer="builtin_words", image_size=48,
-                max_objects=3, num_train_examples=50_000, num_eval_examples=256)
+                max_objects=3, num_train_examples=50_000,
+                num_eval_examples=args.eval + 2 * args.val)  # the test questions, then the validation ones
   c.seq_len = 48
   c.batch_size = 16
   c.eval_batch_size = 64

@@ -375,3 +375,22 @@ def test_probe_questions_ask_every_kind_about_a_failed_image():
   assert [q[2] for q in qs] == list(shapes.QA_SKILLS) and qs == recipe.probe_questions(rec)
   video = shapes.ShapesSource("video_caption", 2)[0]
   assert recipe.probe_questions(video) == []
+
+
+def test_validation_records_are_disjoint_from_the_test_records():
+  """The student's validation questions (which steer the selection) are eval-split records
+  after the test set, none equal to a test record; too small an eval split is a config error."""
+  from mmjax.config import core, schema
+  from mmjax.evals import generation
+  from mmjax.recipes import select as select_recipe
+  config = _errordriven("scale=0.02,budgets=24,pool=96,val=32,eval=64")
+  cfg = core.stage_config(config, "errors_24")
+  test = generation.eval_records(cfg.data, cfg.sample_eval.num_examples)
+  val = select_recipe.validation_records(cfg, cfg.select.val_examples)
+  assert len(test) == 64 and len(val) == 32
+  test_keys = {select_recipe.content_key(r) for r in test}
+  assert not test_keys & {select_recipe.content_key(r) for r in val}
+  assert not {r["index"] for r in test} & {r["index"] for r in val}
+  config.data.num_eval_examples = 80
+  with pytest.raises(core.ConfigError, match="num_eval_examples=80 must hold the test records"):
+    schema.validate(config, 1)
