@@ -170,3 +170,17 @@ def entries(flat: dict, plan, dtype) -> list:
     get = (lambda parts=parts: np.concatenate([sharding.to_host(parts[k][0]).T for k in sorted(parts)], axis=0))
     out.append(stio.Entry(name, parts[0][1].hf_shape, np_dt, get))
   return sorted(out)
+
+
+def write_hf_dir(path: str, params: dict, specs: dict, plan, dtype: str, config: dict,
+                 max_shard_bytes: int | None = None) -> None:
+  """A Hugging Face model directory: the tensors of `plan` from nested `params` (checked
+  against the flat shapes `specs` first) as safetensors shards in `dtype`, and config.json.
+  Tensors are gathered to the host one at a time; every process calls this, process 0 writes."""
+  flat = traverse_util.flatten_dict(params, sep="/")
+  check_param_shapes(flat, specs)
+  write = jax.process_index() == 0
+  stio.write_dir(path, entries(flat, plan, stio.np_dtype(dtype)), max_shard_bytes=max_shard_bytes, write=write)
+  if write:
+    from mmjax.files import atomic_write
+    atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))

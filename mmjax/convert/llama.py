@@ -34,7 +34,7 @@ from flax import traverse_util
 from mmjax import lora as lora_lib
 from mmjax import sharding
 from mmjax.convert import safetensors_io as stio
-from mmjax.convert.common import (Tensor, check_file, check_param_shapes, entries, find_architecture, read_json,
+from mmjax.convert.common import (Tensor, check_file, find_architecture, read_json, write_hf_dir,
                                   read_params, read_tensor, unsupported)
 from mmjax.files import atomic_write
 from mmjax.models.llama import Llama, LlamaConfig
@@ -233,13 +233,7 @@ def export_hf(path: str, cfg: LlamaConfig, params: dict, lora: dict | None = Non
   config = hf_config(cfg, architecture, dtype, **(config_overrides or {}))
   if lora is not None and merge:
     params = lora_lib.merge(params, lora, cfg.lora_alpha, cfg.lora_rslora)
-  flat = traverse_util.flatten_dict(params, sep="/")
-  check_param_shapes(flat, param_specs(cfg)[0])
-  write = jax.process_index() == 0
-  stio.write_dir(path, entries(flat, tensor_plan(cfg), stio.np_dtype(dtype)), max_shard_bytes=max_shard_bytes,
-                 write=write)
-  if write:
-    atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+  write_hf_dir(path, params, param_specs(cfg)[0], tensor_plan(cfg), dtype, config, max_shard_bytes)
   if lora is not None and not merge:
     export_peft(os.path.join(path, "adapter"), cfg, lora, base_model_name_or_path=os.path.abspath(path),
                 dtype=dtype)

@@ -75,10 +75,17 @@ def _target(shapes: dict, names: dict, mesh, rules) -> dict:
 
 def load(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[LlamaConfig, dict, dict | None, dict]:
   """(cfg, params, lora or None, meta) from a model directory, placed on `mesh`."""
+  return load_as(path, FORMAT, LlamaConfig, convert_llama.param_specs, mesh, rules)
+
+
+def load_as(path: str, fmt: str, config_cls, param_specs, mesh=None, rules=sharding.DEFAULT_RULES):
+  """(cfg, params, lora or None, meta) of a model directory of format `fmt`: the model config
+  `config_cls.from_dict(meta['model'])`, its params and adapter placed on `mesh` by the
+  logical names of `param_specs(cfg)` (the family's (shapes, names))."""
   path = os.path.abspath(path)
-  meta = read_meta(path)
-  cfg = LlamaConfig.from_dict(meta["model"])
-  shapes, names = convert_llama.param_specs(cfg)
+  meta = read_meta(path, fmt)
+  cfg = config_cls.from_dict(meta["model"])
+  shapes, names = param_specs(cfg)
   params, lora = restore_variables(path, shapes, names, mesh, rules)
   return cfg, params, lora, meta
 

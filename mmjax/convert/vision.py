@@ -37,7 +37,7 @@ from mmjax import lora as lora_lib
 from mmjax import sharding
 from mmjax.convert import model_dir
 from mmjax.convert import safetensors_io as stio
-from mmjax.convert.common import (Tensor, check_file, check_param_shapes, entries, find_architecture, read_json,
+from mmjax.convert.common import (Tensor, check_file, find_architecture, read_json, write_hf_dir,
                                   read_params, unsupported)
 from mmjax.files import atomic_write
 from mmjax.models.vit import CLIP_LAYOUT, SIGLIP_LAYOUT, ViT, ViTConfig
@@ -232,12 +232,7 @@ def export_hf_vision(path: str, cfg: ViTConfig, params: dict, lora: dict | None 
     if not merge:
       raise ValueError("export_hf_vision: merge=False is not supported; vision adapters are exported merged")
     params = lora_lib.merge(params, lora, cfg.lora_alpha, cfg.lora_rslora)
-  flat = traverse_util.flatten_dict(params, sep="/")
-  check_param_shapes(flat, param_specs(cfg)[0])
-  write = jax.process_index() == 0
-  stio.write_dir(path, entries(flat, tensor_plan(cfg), stio.np_dtype(dtype)), write=write)
-  if write:
-    atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+  write_hf_dir(path, params, param_specs(cfg)[0], tensor_plan(cfg), dtype, config)
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,9 +259,4 @@ def save_dir(path: str, cfg: ViTConfig, params: dict, lora: dict | None = None, 
 
 def load_dir(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[ViTConfig, dict, dict | None, dict]:
   """(cfg, params, lora or None, meta) from a vision model directory, placed on `mesh`."""
-  path = os.path.abspath(path)
-  meta = model_dir.read_meta(path, FORMAT)
-  cfg = ViTConfig.from_dict(meta["model"])
-  shapes, names = param_specs(cfg)
-  params, lora = model_dir.restore_variables(path, shapes, names, mesh, rules)
-  return cfg, params, lora, meta
+  return model_dir.load_as(path, FORMAT, ViTConfig, param_specs, mesh, rules)

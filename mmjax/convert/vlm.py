@@ -41,7 +41,7 @@ from mmjax.convert import llama as convert_llama
 from mmjax.convert import model_dir
 from mmjax.convert import safetensors_io as stio
 from mmjax.convert import vision as convert_vision
-from mmjax.convert.common import (Tensor, check_file, check_param_shapes, entries, find_architecture, read_json,
+from mmjax.convert.common import (Tensor, check_file, find_architecture, read_json, write_hf_dir,
                                   read_params, unsupported)
 from mmjax.files import atomic_write
 from mmjax.models import vlm as vlm_lib
@@ -273,13 +273,7 @@ def export_hf_vlm(path: str, cfg: VLMConfig, params: dict, lora: dict | None = N
   config = hf_vlm_config(cfg, text_architecture, dtype, text_extra)
   if lora is not None:
     params = merge(cfg, params, lora)
-  flat = traverse_util.flatten_dict(params, sep="/")
-  check_param_shapes(flat, param_specs(cfg)[0])
-  write = jax.process_index() == 0
-  stio.write_dir(path, entries(flat, tensor_plan(cfg), stio.np_dtype(dtype)), max_shard_bytes=max_shard_bytes,
-                 write=write)
-  if write:
-    atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+  write_hf_dir(path, params, param_specs(cfg)[0], tensor_plan(cfg), dtype, config, max_shard_bytes)
 
 
 def merge(cfg: VLMConfig, params: dict, lora: dict) -> dict:
@@ -337,10 +331,5 @@ def save_dir(path: str, cfg: VLMConfig, params: dict, lora: dict | None = None, 
 
 def load_dir(path: str, *, mesh=None, rules=sharding.DEFAULT_RULES) -> tuple[VLMConfig, dict, dict | None, dict]:
   """(cfg, params, lora or None, meta) from a VLM model directory, placed on `mesh`."""
-  path = os.path.abspath(path)
-  meta = model_dir.read_meta(path, FORMAT)
-  cfg = VLMConfig.from_dict(meta["model"])
-  shapes, names = param_specs(cfg)
-  params, lora = model_dir.restore_variables(path, shapes, names, mesh, rules)
-  return cfg, params, lora, meta
+  return model_dir.load_as(path, FORMAT, VLMConfig, param_specs, mesh, rules)
 
