@@ -184,3 +184,31 @@ def write_hf_dir(path: str, params: dict, specs: dict, plan, dtype: str, config:
   if write:
     from mmjax.files import atomic_write
     atomic_write(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+
+
+def write_peft_dir(path: str, lora: dict, hf_names: dict, dtype: str, config: dict) -> None:
+  """A PEFT adapter directory: adapter_model.safetensors with each adapted module's factors
+  (`hf_names`: mmjax module path -> the Hugging Face module name under `base_model.model.`)
+  and adapter_config.json, `config` plus the LoRA keys PEFT needs: r (the most common rank),
+  rank_pattern (modules of another rank), target_modules (unless `config` has them) and the
+  fixed defaults. Every process calls this; process 0 writes."""
+  flat = traverse_util.flatten_dict(lora, sep="/")
+  modules = sorted({p.rsplit("/", 1)[0] for p in flat})
+  ranks = {m: flat[m + "/a"].shape[-1] for m in modules}
+  r = max(set(ranks.values()), key=list(ranks.values()).count)
+  np_dt = stio.np_dtype(dtype)
+  tensors = []
+  for m in modules:
+    a, b = flat[m + "/a"], flat[m + "/b"]
+    base = "base_model.model." + hf_names[m]
+    tensors.append(stio.Entry(base + ".lora_A.weight", tuple(a.shape[::-1]), np_dt, lambda a=a: sharding.to_host(a).T))
+    tensors.append(stio.Entry(base + ".lora_B.weight", tuple(b.shape[::-1]), np_dt, lambda b=b: sharding.to_host(b).T))
+  write = jax.process_index() == 0
+  stio.write_dir(path, sorted(tensors), stem="adapter_model", write=write)
+  full = dict(peft_type="LORA", r=r, target_modules=sorted({hf_names[m] for m in modules}),
+              rank_pattern={hf_names[m]: k for m, k in ranks.items() if k != r}, alpha_pattern={}, bias="none",
+              fan_in_fan_out=False, modules_to_save=None, init_lora_weights=True, use_dora=False, inference_mode=True)
+  full.update(config)
+  if write:
+    from mmjax.files import atomic_write
+    atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(full, indent=2))

@@ -21,7 +21,6 @@ PEFT adapters: `base_model.model.<hf module>.lora_A.weight` [R, in] = a.T and
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
@@ -34,9 +33,8 @@ from flax import traverse_util
 from mmjax import lora as lora_lib
 from mmjax import sharding
 from mmjax.convert import safetensors_io as stio
-from mmjax.convert.common import (Tensor, check_file, find_architecture, read_json, write_hf_dir,
+from mmjax.convert.common import (Tensor, check_file, find_architecture, read_json, write_hf_dir, write_peft_dir,
                                   read_params, read_tensor, unsupported)
-from mmjax.files import atomic_write
 from mmjax.models.llama import Llama, LlamaConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -348,25 +346,7 @@ def export_peft(path: str, cfg: LlamaConfig, lora: dict, base_model_name_or_path
   """Writes adapter_config.json + adapter_model.safetensors that
   `peft.PeftModel.from_pretrained(hf_model, path)` loads (scale from cfg.lora_alpha and
   cfg.lora_rslora; per-module ranks that differ go to `rank_pattern`)."""
-  flat = traverse_util.flatten_dict(lora, sep="/")
-  modules = sorted({p.rsplit("/", 1)[0] for p in flat})
-  ranks = {m: flat[m + "/a"].shape[-1] for m in modules}
-  r = max(set(ranks.values()), key=list(ranks.values()).count)
-  np_dt = stio.np_dtype(dtype)
-  tensors = []
-  for m in modules:
-    a, b = flat[m + "/a"], flat[m + "/b"]
-    base = _PEFT_PREFIX + hf_module(m)
-    tensors.append(stio.Entry(base + ".lora_A.weight", tuple(a.shape[::-1]), np_dt, lambda a=a: sharding.to_host(a).T))
-    tensors.append(stio.Entry(base + ".lora_B.weight", tuple(b.shape[::-1]), np_dt, lambda b=b: sharding.to_host(b).T))
-  write = jax.process_index() == 0
-  stio.write_dir(path, sorted(tensors), stem="adapter_model", write=write)
-  config = dict(
-      peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path, r=r,
-      lora_alpha=cfg.lora_alpha, use_rslora=cfg.lora_rslora, lora_dropout=cfg.lora_dropout,
-      target_modules=_target_modules(cfg, modules),
-      rank_pattern={hf_module(m): k for m, k in ranks.items() if k != r}, alpha_pattern={},
-      bias="none", fan_in_fan_out=False, modules_to_save=None, init_lora_weights=True, use_dora=False,
-      inference_mode=True)
-  if write:
-    atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))
+  modules = sorted({p.rsplit("/", 1)[0] for p in traverse_util.flatten_dict(lora, sep="/")})
+  write_peft_dir(path, lora, {m: hf_module(m) for m in modules}, dtype, dict(
+      task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path, lora_alpha=cfg.lora_alpha,
+      use_rslora=cfg.lora_rslora, lora_dropout=cfg.lora_dropout, target_modules=_target_modules(cfg, modules)))

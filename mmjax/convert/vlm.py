@@ -27,8 +27,6 @@ encoder.layers.0.self_attn.q_proj`, `model.language_model.layers.0.self_attn.q_p
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +39,8 @@ from mmjax.convert import llama as convert_llama
 from mmjax.convert import model_dir
 from mmjax.convert import safetensors_io as stio
 from mmjax.convert import vision as convert_vision
-from mmjax.convert.common import (Tensor, check_file, find_architecture, read_json, write_hf_dir,
+from mmjax.convert.common import (Tensor, check_file, find_architecture, read_json, write_hf_dir, write_peft_dir,
                                   read_params, unsupported)
-from mmjax.files import atomic_write
 from mmjax.models import vlm as vlm_lib
 from mmjax.models.vlm import VLM, VLMConfig
 
@@ -292,29 +289,10 @@ def export_peft(path: str, cfg: VLMConfig, lora: dict, base_model_name_or_path: 
   (module names as transformers builds them; scale from the language model's LoRA settings,
   per-module ranks that differ go to `rank_pattern`)."""
   kind = ARCHITECTURES[architecture_for(cfg)]
-  flat = traverse_util.flatten_dict(lora, sep="/")
-  modules = sorted({p.rsplit("/", 1)[0] for p in flat})
-  names = {m: hf_module(m, kind) for m in modules}
-  ranks = {m: flat[m + "/a"].shape[-1] for m in modules}
-  r = max(set(ranks.values()), key=list(ranks.values()).count)
-  np_dt = stio.np_dtype(dtype)
-  tensors = []
-  for m in modules:
-    a, b = flat[m + "/a"], flat[m + "/b"]
-    base = "base_model.model." + names[m]
-    tensors.append(stio.Entry(base + ".lora_A.weight", tuple(a.shape[::-1]), np_dt, lambda a=a: sharding.to_host(a).T))
-    tensors.append(stio.Entry(base + ".lora_B.weight", tuple(b.shape[::-1]), np_dt, lambda b=b: sharding.to_host(b).T))
-  write = jax.process_index() == 0
-  stio.write_dir(path, sorted(tensors), stem="adapter_model", write=write)
-  config = dict(
-      peft_type="LORA", task_type=None, base_model_name_or_path=base_model_name_or_path, r=r,
-      lora_alpha=cfg.llm.lora_alpha, use_rslora=cfg.llm.lora_rslora, lora_dropout=cfg.llm.lora_dropout,
-      target_modules=sorted(names.values()),
-      rank_pattern={names[m]: k for m, k in ranks.items() if k != r}, alpha_pattern={},
-      bias="none", fan_in_fan_out=False, modules_to_save=None, init_lora_weights=True, use_dora=False,
-      inference_mode=True)
-  if write:
-    atomic_write(os.path.join(path, "adapter_config.json"), json.dumps(config, indent=2))
+  modules = sorted({p.rsplit("/", 1)[0] for p in traverse_util.flatten_dict(lora, sep="/")})
+  write_peft_dir(path, lora, {m: hf_module(m, kind) for m in modules}, dtype, dict(
+      task_type=None, base_model_name_or_path=base_model_name_or_path, lora_alpha=cfg.llm.lora_alpha,
+      use_rslora=cfg.llm.lora_rslora, lora_dropout=cfg.llm.lora_dropout))
 
 
 # ---------------------------------------------------------------------------------------
