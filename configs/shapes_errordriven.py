@@ -83,5 +83,8 @@ def get_config(arg=None):
   order.append("full")
   c.stage_order = tuple(order)
   c.stages = ml_collections.ConfigDict(stages)
+  # Valid only if the whole pool can teach the target: the full-pool stage must beat the student
+  # by 0.15 exact match, or the table is marked INVALID (no room for selections to differ).
+  c.headroom.update(metric="gen_exact_match", floor="student", ceiling="full", min=0.15)
   core.apply_seed(c, args.seed)
   return c

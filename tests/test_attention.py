@@ -1,7 +1,6 @@
 """The fast attention and LoRA matmul paths against the plain einsum/autodiff versions:
 values and gradients, with packed segments and padding."""
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mmjax import lora as lora_lib, sharding
+from mmjax import sharding
 from mmjax.config import core, schema
 from mmjax.data import pairs as pairs_lib
 from mmjax.data.tokenizer import load_tokenizer

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from mmjax import sample
 from mmjax.recipes import stages
 
 from helpers import tiny_config

@@ -82,7 +82,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
   r = run_main(args + ["--workdir", str(kill_dir)])
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f"resumed from" in r.stdout
+  assert "resumed from" in r.stdout
   ref, resumed = _train_rows(ref_dir), _train_rows(kill_dir)
   assert sorted(resumed) == list(range(1, 41))
   for step in range(1, 41):

@@ -1,13 +1,12 @@
 """Real VLM data: each tower's pixels, video files, LLaVA-format conversations with markers,
 mixed media batches, YouCook2-style timed steps, and one-line errors naming FILE:LINE."""
 import json
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data import media, pipeline, pixels, sources, steps, video
+from mmjax.data import pipeline, pixels, sources, steps, video
 from mmjax.data.tokenizer import load_tokenizer
 
 TOK = load_tokenizer("builtin")

@@ -54,7 +54,12 @@ def test_shapes_errordriven_recipe_end_to_end(tmp_path):
   r = run_main(args)
   assert r.returncode == 0, r.stderr[-3000:]
   results = json.load(open(tmp_path / "results.json"))
-  assert set(results) == {"student", "errors_24", "random_24", "full"}
+  assert set(results) == {"student", "errors_24", "random_24", "full", "_headroom"}
+  h = results["_headroom"]
+  assert h["metric"] == "gen_exact_match" and h["floor"] == "student" and h["ceiling"] == "full"
+  want = results["full"]["eval_after"]["gen_exact_match"] - results["student"]["eval_after"]["gen_exact_match"]
+  assert abs(h["value"] - want) < 1e-9 and h["valid"] == (want >= 0.15)
+  assert "headroom gen_exact_match: full" in (tmp_path / "results.txt").read_text()
   from mmjax.select import retrieve
   for name, n in (("errors_24", 24), ("random_24", 24), ("full", 96)):
     idx, meta = retrieve.read_selection(tmp_path / "stages" / name / "selection.json")

@@ -1,6 +1,5 @@
 """Recipes as stage lists: each stage starts from the previous one's merged result, and a
 restarted recipe skips finished stages."""
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -77,3 +76,26 @@ def test_table_shows_a_start_row_only_for_new_starting_points():
   rows = results_lib.table({"sft": dict(eval_before=b, eval_after={"missing": 0.3, "loss": 1.0}),
                         "dpo_1": dict(eval_before={"missing": 0.3}, eval_after={"missing": 0.2})})
   assert "@start" not in rows
+
+
+def test_headroom_check_marks_a_table_without_room_invalid():
+  import ml_collections
+  check = ml_collections.ConfigDict(dict(metric="acc", floor="student", ceiling="full", min=0.15))
+  results = {"student": {"eval_after": {"acc": 0.445}}, "full": {"eval_after": {"acc": 0.453}}}
+  h = results_lib.headroom(results, check)
+  assert h["value"] == pytest.approx(0.008) and not h["valid"]
+  assert "INVALID" in results_lib.headroom_line(h) and "+0.0080" in results_lib.headroom_line(h)
+  results["full"]["eval_after"]["acc"] = 0.7
+  assert results_lib.headroom(results, check)["valid"]
+  assert "valid" in results_lib.headroom_line(results_lib.headroom(results, check))
+  assert results_lib.headroom(results, ml_collections.ConfigDict(dict(metric=""))) is None
+  # results.json's _headroom entry is not a stage of the table
+  assert [label for label, _ in results_lib.table_rows({**results, "_headroom": h})] == ["student", "full"]
+
+
+def test_headroom_stages_must_exist():
+  c = tiny_config(stage_order=("a", "b"))
+  c.stages = ml_collections.ConfigDict({"a": {"steps": 1}, "b": {"steps": 1}})
+  c.headroom.update(metric="loss", floor="a", ceiling="nope")
+  with pytest.raises(core.ConfigError, match="config.headroom.ceiling='nope' names no stage"):
+    schema.validate(c, 1)

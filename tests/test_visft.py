@@ -235,10 +235,6 @@ def test_clip_tower_from_hf_on_coco_and_export(tmp_path):
   root = str(tmp_path / "coco")
   coco_tiny.write_tiny_coco(root, "train", 24, image_size=64)
   coco_tiny.write_tiny_coco(root, "val", 8, image_size=64, seed=1)
-  stages = {
-      "heads": dict(steps=2, trainable=("params/heads/.*",)),
-      "lora": dict(steps=2, trainable=("lora/vision/.*",), lora=dict(targets=TOWER_LORA, rank=4, alpha=8.0)),
-  }
   args = ["--config", "configs/shapes_visft.py:scale=0.01,eval=8,probe=16", "--workdir", str(tmp_path / "run"),
           f"--config.init_vision_from_hf={hf_dir}", "--config.data.source=coco", f"--config.data.coco_root={root}",
           "--config.data.train_split=train", "--config.data.eval_split=val", "--config.data.image_size=32",

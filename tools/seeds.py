@@ -14,7 +14,8 @@ Each seed's own table is its results.txt. Then:
                       as mean ± sd over the seeds (sd with n - 1; se = sd / sqrt(n))
 
 Differences between two rows are meaningful only beyond about two standard errors of each;
-per-caption and micro-averaged caption rates both appear when the recipe reports them.
+per-caption and micro-averaged caption rates both appear when the recipe reports them, and so
+does the recipe's headroom check (`config.headroom`) per seed.
 """
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def summarise(per_seed: dict[int, dict]) -> dict:
       for k, v in metrics.items():
         if isinstance(v, (int, float)) and v is not None and math.isfinite(float(v)):
           row.setdefault(k, []).append(float(v))
+  checks = [r["_headroom"] for _, r in sorted(per_seed.items()) if "_headroom" in r]
+  if checks:  # the recipe's validity check per seed (config.headroom)
+    h = checks[0]
+    rows[f"headroom ({h['ceiling']} - {h['floor']}, {h['metric']})"] = {"value": [c["value"] for c in checks]}
   out = {}
   for label, row in rows.items():
     out[label] = {}

@@ -105,12 +105,14 @@ def validate(config, n_devices: int = 1, process_count: int = 1, files: bool = F
   schema = base_config()
   check_schema(config, schema)
   if not config.stage_order:
+    stages.validate_recipe(config)  # (a headroom check needs stages)
     validate_stage(config, env, schema)
     return
   missing = [n for n in config.stage_order if n not in config.stages]
   if missing:  # stages may define more than stage_order runs (e.g. to run a prefix)
     raise ConfigError(f"config.stage_order names {', '.join(map(repr, missing))}, which config.stages "
                       f"does not define; defined: {', '.join(config.stages) or 'none'}")
+  stages.validate_recipe(config)
   for k, name in enumerate(config.stage_order):
     try:
       stage = stage_config(config, name)

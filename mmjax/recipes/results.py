@@ -23,10 +23,12 @@ def _agree(a: dict, b: dict) -> bool:
 
 def table_rows(results: dict) -> list[tuple[str, dict]]:
   """(label, metrics) per table row: each stage's eval after training (with its
-  `first_dpo_loss` when it has one), and a `NAME @start` row before a stage whose starting
+  `first_dpo_loss` when it has one; keys starting with '_' are not stages), and a `NAME @start` row before a stage whose starting
   metrics are in no row above (a new eval task, e.g. the base model a comparison starts from)."""
   rows, shown = [], []
   for name, r in results.items():
+    if name.startswith("_"):  # not a stage (results.json's _headroom)
+      continue
     before = r.get("eval_before") or {}
     if shown and before and not any(_agree(before, x) for x in shown):  # a new eval task or starting point
       rows.append((f"{name} @start", dict(before)))
@@ -60,10 +62,33 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def write(workdir: str, results: dict, stage_dirs: list[tuple[str, str]], recipe: bool) -> None:
+def headroom(results: dict, check) -> dict | None:
+  """The recipe's validity check (`config.headroom`): {metric, floor, ceiling, value, min,
+  valid}, value = ceiling stage's metric - floor stage's (eval after training); None when
+  there is no check or a stage lacks the metric."""
+  if not check or not check.metric:
+    return None
+  ev = lambda stage: (results.get(stage) or {}).get("eval_after") or {}
+  lo, hi = ev(check.floor).get(check.metric), ev(check.ceiling).get(check.metric)
+  if lo is None or hi is None:
+    return None
+  value = float(hi) - float(lo)
+  return dict(metric=check.metric, floor=check.floor, ceiling=check.ceiling, value=value, min=float(check.min),
+              valid=value >= check.min)
+
+
+def headroom_line(h: dict) -> str:
+  verdict = ("valid" if h["valid"] else
+             f"INVALID: below {h['min']:.2f}, the ceiling is too close to the floor for the compared methods "
+             "to differ; this table is not a result")
+  return (f"headroom {h['metric']}: {h['ceiling']} {h['value'] + 0:+.4f} over {h['floor']} "
+          f"(minimum {h['min']:.2f}): {verdict}")
+
+
+def write(workdir: str, results: dict, stage_dirs: list[tuple[str, str]], recipe: bool, check_cfg=None) -> None:
   """Loss curves for every stage; for a recipe also the table (printed, results.txt) and
   results.json. A DPO round's first-step loss (log 2 for sigmoid: policy = reference) joins
-  the table."""
+  the table, and the headroom check (`config.headroom`) follows it."""
   png = plots.loss_curves(workdir, stage_dirs)
   if recipe:
     for n, sdir in stage_dirs:
@@ -71,8 +96,13 @@ def write(workdir: str, results: dict, stage_dirs: list[tuple[str, str]], recipe
       if "dpo_loss" in first and isinstance(results[n], dict):
         results[n]["first_dpo_loss"] = first["dpo_loss"]
     text = table(results)
+    check = headroom(results, check_cfg)
+    if check is not None:
+      text += "\n" + headroom_line(check)
     print(text, flush=True)
     atomic_write(os.path.join(workdir, "results.txt"), text + "\n")  # the table as printed
     summary = {n: {k: r.get(k) for k in ("eval_before", "eval_after", "first_dpo_loss")} for n, r in results.items()}
+    if check is not None:
+      summary["_headroom"] = check
     atomic_write(os.path.join(workdir, "results.json"), json.dumps(summary, indent=1))
   print(f"loss curves: {png}", flush=True)

@@ -47,7 +47,21 @@ def config_dict() -> dict:
       stages=ml_collections.ConfigDict(),
       init_from_stage="",  # start from this earlier stage's result instead of the previous one; 'init' = the
       #                      recipe's starting model (the Hugging Face import or the seeded random init)
+      # A recipe's validity check, printed under its table: the ceiling stage's `metric` minus the
+      # floor stage's (eval after training); below `min` the experiment is marked INVALID (no room
+      # for the compared methods to differ). metric '' = no check.
+      headroom=ml_collections.ConfigDict(dict(metric="", floor="", ceiling="", min=0.15)),
   )
+
+
+def validate_recipe(config) -> None:
+  """Checks of the whole recipe (before its stages are checked one by one)."""
+  h = config.headroom
+  if h.metric:
+    for key in ("floor", "ceiling"):
+      if h[key] not in config.stage_order:
+        raise ConfigError(f"config.headroom.{key}={h[key]!r} names no stage of the recipe; stages: "
+                          f"{', '.join(config.stage_order) or 'none'}")
 
 
 def validate(config, env) -> None:
@@ -111,5 +125,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
   finished = not any(isinstance(r, dict) and r.get("preempted") for r in results.values())
   if finished and jax.process_index() == 0:
     stage_dirs = [(n, os.path.join(workdir, "stages", n) if recipe else workdir) for n in results]
-    results_lib.write(workdir, results, stage_dirs, recipe)
+    results_lib.write(workdir, results, stage_dirs, recipe, check_cfg=config.headroom)
   return results
