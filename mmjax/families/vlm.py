@@ -76,7 +76,8 @@ def hf_vlm_config(config, hf: dict) -> vlm.VLMConfig:
   except ValueError as e:
     raise ConfigError(f"config.init_from_hf={config.init_from_hf!r}: {e}") from None
   return dataclasses.replace(cfg, vision=decoder.with_run_numerics(cfg.vision, config.vision, config),
-                             llm=decoder.with_run_rows(decoder.with_run_numerics(cfg.llm, config.model, config), config))
+                             llm=decoder.with_run_rows(
+                                 decoder.with_run_numerics(cfg.llm, config.model, config), config))
 
 
 def _check_placeholders(config, tokenizer, cfg) -> None:

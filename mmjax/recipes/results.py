@@ -23,8 +23,9 @@ def _agree(a: dict, b: dict) -> bool:
 
 def table_rows(results: dict) -> list[tuple[str, dict]]:
   """(label, metrics) per table row: each stage's eval after training (with its
-  `first_dpo_loss` when it has one; keys starting with '_' are not stages), and a `NAME @start` row before a stage whose starting
-  metrics are in no row above (a new eval task, e.g. the base model a comparison starts from)."""
+  `first_dpo_loss` when it has one), and a `NAME @start` row before a stage whose starting
+  metrics are in no row above (a new eval task, e.g. the base model a comparison starts
+  from). Keys of `results` starting with '_' are not stages."""
   rows, shown = [], []
   for name, r in results.items():
     if name.startswith("_"):  # not a stage (results.json's _headroom)

@@ -6,7 +6,8 @@ train set; `config.data` stays the stage's eval data (the target task). Before t
 
   errors  the stage's starting model (the student) answers `select.val_examples` held-out
           target records greedily (`validation_records`: eval-split records after, and
-          different from, the test records every stage is scored on); each wrong answer is an error (`gaps.collect_errors`);
+          different from, the test records every stage is scored on); each wrong answer
+          is an error (`gaps.collect_errors`);
           the teacher (`select.teacher`: 'facts', the exact atomic-fact analyser, or
           'model', the final weights of stage `select.teacher_stage` answering every kind
           of question about each failed image next to the student) names the missing
