@@ -48,33 +48,44 @@ def test_shapes_directed_recipe_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_shapes_errordriven_recipe_end_to_end(tmp_path):
-  args = ["--config", "configs/shapes_errordriven.py:scale=0.02,budgets=24,pool=96,val=8,eval=4",
-          "--config.sample_eval.max_new_tokens=12", "--workdir", str(tmp_path)]
-  r = run_main(args)
-  assert r.returncode == 0, r.stderr[-3000:]
-  results = json.load(open(tmp_path / "results.json"))
-  assert set(results) == {"student", "errors_24", "random_24", "full", "_headroom"}
-  h = results["_headroom"]
-  assert h["metric"] == "gen_exact_match" and h["floor"] == "student" and h["ceiling"] == "full"
-  want = results["full"]["eval_after"]["gen_exact_match"] - results["student"]["eval_after"]["gen_exact_match"]
-  assert abs(h["value"] - want) < 1e-9 and h["valid"] == (want >= 0.15)
-  assert "headroom gen_exact_match: full" in (tmp_path / "results.txt").read_text()
-  from mmjax.select import retrieve
-  for name, n in (("errors_24", 24), ("random_24", 24), ("full", 96)):
-    idx, meta = retrieve.read_selection(tmp_path / "stages" / name / "selection.json")
-    assert len(idx) == n == len(set(idx.tolist())) and meta["pool"] == 96
-  _, meta = retrieve.read_selection(tmp_path / "stages" / "errors_24" / "selection.json")
-  assert meta["errors"] > 0 and abs(sum(meta["profile"].values()) - 1) < 1e-6
-  # the standalone CLI computes the same selection from the finished student
+def test_shapes_errordriven_recipe_two_seeds_end_to_end(tmp_path):
+  """The shortened recipe, two seeds through tools/seeds.py: tables per seed and mean ± sd,
+  exact budgets, the gap profile from first wrong steps, and a selection that the standalone
+  CLI recomputes identically from the finished student."""
   from helpers import ROOT, subprocess_env
   import subprocess
   import sys
+  from mmjax.select import retrieve
+  spec = "configs/shapes_errordriven.py:scale=0.02,budgets=24,pool=96,val=8,eval=4,epochs=1"
+  cmd = [sys.executable, "tools/seeds.py", "--config", spec, "--seeds", "2", "--workdir", str(tmp_path)]
+  r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=1200)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads((tmp_path / "seeds.json").read_text())
+  assert summary["seeds"] == [0, 1] and "±" in (tmp_path / "seeds.txt").read_text()
+  assert summary["rows"]["errors_24"]["gen_answer_match"]["n"] == 2
+  chosen = []
+  for k in (0, 1):
+    wd = tmp_path / f"seed_{k}"
+    results = json.load(open(wd / "results.json"))
+    assert set(results) == {"student", "errors_24", "random_24", "full", "_headroom"}
+    h = results["_headroom"]
+    assert h["metric"] == "gen_answer_match" and h["floor"] == "student" and h["ceiling"] == "full"
+    want = (results["full"]["eval_after"]["gen_answer_match"]
+            - results["student"]["eval_after"]["gen_answer_match"])
+    assert abs(h["value"] - want) < 1e-9 and h["valid"] == (want >= 0.15)
+    assert "headroom gen_answer_match: full" in (wd / "results.txt").read_text()
+    for name, n in (("errors_24", 24), ("random_24", 24), ("full", 96)):
+      idx, meta = retrieve.read_selection(wd / "stages" / name / "selection.json")
+      assert len(idx) == n == len(set(idx.tolist())) and meta["pool"] == 96
+    idx, meta = retrieve.read_selection(wd / "stages" / "errors_24" / "selection.json")
+    assert meta["errors"] > 0 and abs(sum(meta["profile"].values()) - 1) < 1e-6
+    assert sum(meta["first_wrong_steps"].values()) == meta["errors"] and 0 <= meta["on_missing_skill"] <= 1
+    chosen.append(idx.tolist())
+  assert chosen[0] != chosen[1]  # another seed: another student, pool and selection
+  # selection is deterministic: the standalone CLI computes the same one from the finished student
   out = tmp_path / "again.json"
-  cli = subprocess.run([sys.executable, "tools/select_data.py", *args[:2], "--workdir", str(tmp_path),
-                        "--stage", "errors_24", "--out", str(out), "--config.sample_eval.max_new_tokens=12"],
+  cli = subprocess.run([sys.executable, "tools/select_data.py", "--config", spec + ",seed=0", "--workdir",
+                        str(tmp_path / "seed_0"), "--stage", "errors_24", "--out", str(out)],
                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
   assert cli.returncode == 0, cli.stderr[-3000:]
-  same, _ = retrieve.read_selection(out)
-  want, _ = retrieve.read_selection(tmp_path / "stages" / "errors_24" / "selection.json")
-  assert same.tolist() == want.tolist()
+  assert retrieve.read_selection(out)[0].tolist() == chosen[0]

@@ -394,3 +394,142 @@ def test_validation_records_are_disjoint_from_the_test_records():
   config.data.num_eval_examples = 80
   with pytest.raises(core.ConfigError, match="num_eval_examples=80 must hold the test records"):
     schema.validate(config, 1)
+
+
+# ----------------------------------------------------------------------------- stepped answers
+
+SCENE = [("object", "red", "square", "large", "top left"),
+         ("object", "blue", "square", "small", "center"),
+         ("object", "red", "circle", "large", "right")]
+Q_COLOUR = "what colour is the large square?"
+A_COLOUR = "the large square is at the top left. the colour is red."
+
+
+def test_stepped_answers_parse():
+  assert shapes.reasoning_answer("the large square", "top left", "colour", "red") == A_COLOUR
+  assert shapes.parse_reasoning(A_COLOUR) == {"ref": "the large square", "position": "top left",
+                                              "skill": "colour", "value": "red"}
+  assert shapes.parse_reasoning("The  large square is at the top left.  the colour is red") is not None
+  assert shapes.parse_reasoning("the colour is red.") == {"ref": None, "position": None, "skill": "colour",
+                                                          "value": "red"}
+  assert shapes.parse_reasoning("red") is None and shapes.parse_reasoning("the large square is red.") is None
+  assert shapes.final_answer(A_COLOUR) == "red" and shapes.final_answer(" Red ") == "red"
+  cfg = shapes.ShapesConfig(qa_skills=shapes.REASONING_SKILLS, qa_reasoning=shapes.REASONING_SKILLS)
+  for r in (shapes.ShapesSource("vqa", 60, cfg=cfg)[i] for i in range(60)):  # every generated answer parses
+    steps = shapes.parse_reasoning(r["response"])
+    target = next(f for f in r["facts"] if f[4] == steps["position"])
+    assert steps["skill"] == r["skills"][0] and steps["value"] == target[{"colour": 1, "shape": 2, "size": 3}[
+        steps["skill"]]] and r["prompt"] == f"what {steps['skill']} is {steps['ref']}?"
+
+
+@pytest.mark.parametrize("question,truth,prediction,expected", [
+    # wrong object found: the reference attribute in which it differs from the true one
+    (Q_COLOUR, A_COLOUR, "the large square is at the center. the colour is blue.", ("locate", {"size": 1.0})),
+    # the right final answer reached through a wrong step is still an error of that step
+    (Q_COLOUR, A_COLOUR, "the large square is at the right. the colour is red.", ("locate", {"shape": 1.0})),
+    # nothing at the stated cell, or no first step at all: every reference attribute
+    (Q_COLOUR, A_COLOUR, "the large square is at the bottom. the colour is red.",
+     ("locate", {"shape": 0.5, "size": 0.5})),
+    (Q_COLOUR, A_COLOUR, "red", ("locate", {"shape": 0.5, "size": 0.5})),
+    # right object, wrong reading: the asked skill
+    (Q_COLOUR, A_COLOUR, "the large square is at the top left. the colour is blue.", ("read", {"colour": 1.0})),
+    ("what shape is the object at the right?", "the object at the right is at the right. the shape is circle.",
+     "the object at the right is at the center. the shape is square.", ("locate", {"position": 1.0})),
+    (Q_COLOUR, A_COLOUR, A_COLOUR, None),
+])
+def test_first_wrong_step(question, truth, prediction, expected):
+  assert teachers.first_wrong_step(prediction, question, truth, SCENE) == expected
+  record = {"kind": "vqa", "index": 0, "prompt": question, "response": truth, "facts": SCENE, "qa": [],
+            "skills": shapes.question_skills(question, shapes.parse_reasoning(truth)["skill"])}
+  error = gaps.judge(record, prediction)
+  if expected is None:
+    assert error is None
+  else:
+    assert teachers.FactTeacher().missing_skills(error) == expected[1] and error.details["step"] == expected[0]
+
+
+def test_model_teacher_marks_the_first_step_leaving_its_own_answer():
+  record = {"kind": "vqa", "index": 3, "prompt": Q_COLOUR, "response": A_COLOUR, "facts": SCENE, "qa": [],
+            "skills": ("colour", "shape", "size")}
+  asked = []
+
+  def teacher_fn(pairs):
+    asked.extend(q for _, q in pairs)
+    return [A_COLOUR for _ in pairs]
+
+  def student_fn(pairs):
+    raise AssertionError("a stepped answer needs no student call")
+
+  teacher = teachers.ModelTeacher(teacher_fn, student_fn)
+  read = gaps.judge(record, "the large square is at the top left. the colour is blue.")
+  locate = gaps.judge(record, "the large square is at the center. the colour is blue.")
+  assert teacher.missing_skills_batch([read, locate]) == [{"colour": 1.0}, {"shape": 0.5, "size": 0.5}]
+  assert asked == [Q_COLOUR, Q_COLOUR] and read.details["step"] == "read" and locate.details["step"] == "locate"
+  assert teachers.ModelTeacher(lambda pairs: ["i do not know"] * len(pairs), student_fn).missing_skills(read) == {}
+
+
+def _weak_student(record, weak: str, rng) -> str:
+  """A simulated student that confuses objects differing in `weak` and misreads `weak`
+  half the time, and makes a few (3%) random reading slips on anything else."""
+  truth = shapes.parse_reasoning(record["response"])
+  refs = record["skills"][1:]
+  fields = {"colour": 1, "shape": 2, "size": 3}
+  vocab = {"colour": shapes.COLOURS, "shape": ("square", "circle", "triangle"), "size": shapes.SIZES}
+  target = next(f for f in record["facts"] if f[4] == truth["position"])
+  ref, position, value = truth["ref"], truth["position"], truth["value"]
+  confusable = [f for f in record["facts"] if f is not target and f[fields[weak]] != target[fields[weak]]
+                and all(f[fields[s]] == target[fields[s]] for s in refs if s != weak and s in fields)]
+  if weak in refs and confusable and rng.random() < 0.5:
+    found = confusable[0]
+    position, value = found[4], found[fields[truth["skill"]]]
+  elif truth["skill"] == weak and rng.random() < 0.5 or rng.random() < 0.03:
+    value = next(v for v in vocab[truth["skill"]] if v != value)
+  return shapes.reasoning_answer(ref, position, truth["skill"], value)
+
+
+@pytest.mark.parametrize("weak", shapes.REASONING_SKILLS)
+def test_gap_profile_finds_the_one_weak_skill(weak):
+  """A student weak at exactly one of three target skills: the profile built from the first
+  wrong steps puts at least 0.6 on that skill."""
+  import random
+  cfg = shapes.ShapesConfig(qa_skills=shapes.REASONING_SKILLS, qa_reasoning=shapes.REASONING_SKILLS,
+                            min_objects=2, max_objects=4)
+  src = shapes.ShapesSource("vqa", 300, cfg=cfg)
+  records = [src[i] for i in range(300)]
+  rng = random.Random(weak)
+  errors = gaps.collect_errors(records, [_weak_student(r, weak, rng) for r in records])
+  profile = gaps.gap_profile(errors, teachers.FactTeacher())
+  assert len(errors) > 30 and profile[weak] >= 0.6, profile
+
+
+def test_budgets_are_the_papers_fractions_of_the_pool():
+  config = _errordriven("")
+  assert [config.stages[n].select.budget for n in config.stage_order if n.startswith("errors_")] == [30, 90, 300]
+  assert [n for n in config.stage_order if n.startswith("random_")] == ["random_30", "random_90", "random_300"]
+  assert _errordriven("pool=2000,fractions=1-10").stage_order[1:] == ("errors_20", "random_20", "errors_200",
+                                                                     "random_200", "full")
+  assert _errordriven("budgets=24,pool=96").stages.errors_24.select.budget == 24  # explicit counts
+
+
+def test_selections_train_to_the_same_number_of_passes():
+  from mmjax.config import core
+  from mmjax.recipes import select as recipe
+  config = _errordriven("pool=1000,fractions=1-10,epochs=4,min_steps=20")
+  steps = {n: recipe.stage_steps(core.stage_config(config, n)) for n in config.stage_order[1:]}
+  assert steps == {"errors_10": 20, "random_10": 20, "errors_100": 25, "random_100": 25, "full": 250}
+
+
+def test_pool_is_disjoint_from_validation_and_test_and_its_target_skills_are_rare():
+  """Pool records come from the train split: none equals a test or validation record (question,
+  answer and image), and no pool image is a held-out image; target-skill records are rare."""
+  from mmjax.config import core
+  from mmjax.evals import generation
+  from mmjax.recipes import select as recipe
+  config = _errordriven("budgets=24,pool=2000,val=32,eval=64")
+  cfg = core.stage_config(config, "errors_24")
+  held = generation.eval_records(cfg.data, 64) + recipe.validation_records(cfg, 32)
+  pool = [p for p in map(recipe.catalog.open_source(recipe.pool_data(cfg), "train").__getitem__, range(2000))]
+  assert not {recipe.content_key(r) for r in held} & {recipe.content_key(r) for r in pool}
+  assert not {r["image"].tobytes() for r in held} & {r["image"].tobytes() for r in pool}
+  target = sum(bool(set(r["skills"]) & {"colour", "shape", "size"}) for r in pool) / len(pool)
+  assert 0.03 < target < 0.08, target

@@ -221,11 +221,33 @@ def test_pool_tags_and_tasks():
 def test_config_errors_name_the_field():
   for kw, field in ((dict(image_size=16), "image_size"), (dict(shapes=("hexagon",)), "shapes"),
                     (dict(max_objects=10), "max_objects"), (dict(max_events=9), "max_events"),
-                    (dict(pool_mix=(("chat", 1.0),)), "pool_mix")):
+                    (dict(pool_mix=(("chat", 1.0),)), "pool_mix"), (dict(qa_weights=(1.0,)), "qa_weights"),
+                    (dict(qa_reasoning=("count",)), "qa_reasoning")):
     with pytest.raises(ValueError, match=field):
       shapes.ShapesSource("image_caption", 4, cfg=shapes.ShapesConfig(**kw))
   with pytest.raises(ValueError, match="kind"):
     shapes.ShapesSource("audio", 4)
+
+
+def test_question_weights_plain_questions_and_stepped_answers():
+  """qa_weights draws the asked kind by weight, qa_plain keeps count and existence questions
+  free of attribute words, qa_reasoning answers colour / shape / size in steps; the default
+  draws are unchanged (the same records as before these options)."""
+  cfg = shapes.ShapesConfig(qa_skills=("count", "existence", "colour"), qa_weights=(1.0, 1.0, 0.1), qa_plain=True,
+                            qa_reasoning=("colour",))
+  src = shapes.ShapesSource("vqa", 600, cfg=cfg)
+  kinds = [src[i]["skills"][0] for i in range(600)]
+  assert 10 < kinds.count("colour") < 60 and kinds.count("count") > 200
+  for i in range(600):
+    r = src[i]
+    if r["skills"][0] == "count":
+      assert r["prompt"] == "how many objects are there?" and r["skills"] == ("count",)
+    elif r["skills"][0] == "existence":
+      assert r["prompt"].startswith("is there an object at the ") and r["skills"] == ("existence", "position")
+    else:
+      assert shapes.parse_reasoning(r["response"])["value"] in shapes.COLOURS
+  default = shapes.ShapesSource("vqa", 5)[3]
+  assert default["prompt"] == "what size is the yellow triangle?" and default["response"] == "large"
 
 
 def test_tiny_configs_still_split():

@@ -53,6 +53,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       max_events=4,  # shapes: most events per video (<= video_frames)
       timed=False,  # shapes: video captions state each event's frame (" at frame 2"); scored as `timing`
       qa_skills=("count", "colour", "shape", "size", "position", "existence"),  # shapes vqa: question kinds asked
+      qa_weights=(),  # shapes vqa: one weight per qa_skills entry for the question drawn; () = uniform
+      qa_reasoning=(),  # shapes vqa: colour / shape / size questions answered in steps ("the red
+      #                   circle is at the top. the size is large."), scored also by final answer
+      qa_plain=False,  # shapes vqa: count and existence questions name no attribute ("how many
+      #                  objects are there?", "is there an object at the top?")
       pool_mix=(("image_caption", 1.0), ("vqa", 3.0)),  # shapes task 'pool': (task, weight) pairs; image
       #                                                  tasks and video_caption do not mix in one batch
       responses_path="",  # JSONL of {"index", "response"}: train on those records of the train
@@ -134,7 +139,8 @@ def _shapes_config(c) -> shapes.ShapesConfig:
   return shapes.ShapesConfig(image_size=c.image_size, max_objects=c.max_objects, video_frames=c.video_frames,
                              max_events=c.max_events, min_events=min(2, c.max_events), timed=c.timed,
                              pool_mix=tuple((str(t), float(w)) for t, w in c.pool_mix),
-                             qa_skills=tuple(c.qa_skills))
+                             qa_skills=tuple(c.qa_skills), qa_weights=tuple(float(w) for w in c.qa_weights),
+                             qa_reasoning=tuple(c.qa_reasoning), qa_plain=bool(c.qa_plain))
 
 
 def _open_shapes(c, split):
@@ -150,6 +156,11 @@ def _check_shapes(c) -> None:
     raise _bad("packing", c.packing, "packing is not supported with images or videos; set it to False")
   if not c.qa_skills or any(k not in shapes.QA_SKILLS for k in c.qa_skills):
     raise _bad("qa_skills", c.qa_skills, f"expected a non-empty tuple from {', '.join(shapes.QA_SKILLS)}")
+  if c.qa_weights and (len(c.qa_weights) != len(c.qa_skills) or min(c.qa_weights) < 0 or sum(c.qa_weights) <= 0):
+    raise _bad("qa_weights", c.qa_weights, f"expected () or {len(c.qa_skills)} weights >= 0 (one per qa_skills "
+               "entry), not all 0")
+  if any(k not in shapes.REASONING_SKILLS for k in c.qa_reasoning):
+    raise _bad("qa_reasoning", c.qa_reasoning, f"expected skills from {', '.join(shapes.REASONING_SKILLS)}")
   if c.task == "pool":
     mix = dict(tuple(p) for p in c.pool_mix)
     used = {t for t, w in mix.items() if w > 0}

@@ -23,6 +23,12 @@ Grammar (only characters of the builtin tokenizer: lowercase, digits, space, `.,
                  square?" -> "red"; shape "what shape is the object at the top?" -> "circle";
                  size "what size is the red circle?" -> "large"; position "where is the red
                  circle?" -> "top left"; existence "is there a blue triangle?" -> "yes" | "no"
+                 With `qa_reasoning` (colour / shape / size) the answer comes in two steps,
+                 find the object, then read it: "what colour is the large square?" -> "the
+                 large square is at the top left. the colour is red." (`reasoning_answer`,
+                 `parse_reasoning`, `final_answer`); with `qa_plain` count and existence
+                 questions name no attribute ("how many objects are there?", "is there an
+                 object at the top?"); `qa_weights` weights the kind asked.
 
 Atomic facts (hashable tuples; `mmjax.evals.captions.parse_caption` returns the same ones):
 
@@ -61,6 +67,7 @@ import base64
 import dataclasses
 import json
 import random
+import re
 import zlib
 
 import numpy as np
@@ -81,6 +88,7 @@ QA_SKILLS = ("count", "colour", "shape", "size", "position", "existence")
 SKILLS = ("colour", "shape", "size", "position", "count", "existence", "temporal_order")
 CAPTION_SKILLS = ("colour", "shape", "size", "position", "count")
 VIDEO_SKILLS = ("temporal_order", "colour", "shape", "position")
+REASONING_SKILLS = ("colour", "shape", "size")  # questions that can be answered in steps
 IMAGE_PROMPT = "describe the image."
 VIDEO_PROMPT = "describe the video."
 EVAL_BUCKETS = 10  # 1 in 10 captions is held out
@@ -100,6 +108,9 @@ class ShapesConfig:
   min_events: int = 2  # events per video; each on its own frame
   max_events: int = 4  # <= video_frames
   qa_skills: tuple = QA_SKILLS  # skills a vqa example may ask about
+  qa_weights: tuple = ()  # one weight >= 0 per qa_skills entry for the vqa draw; () = uniform
+  qa_reasoning: tuple = ()  # attribute skills (colour, shape, size) answered with reasoning steps
+  qa_plain: bool = False  # count / existence questions name no attribute ("how many objects ...")
   pool_mix: tuple = (("image_caption", 1.0), ("vqa", 3.0), ("video_caption", 1.0))  # weights
   timed: bool = False  # video captions state each event's frame ("... at frame 2")
 
@@ -124,6 +135,12 @@ class ShapesConfig:
                 f"video_frames ({self.video_frames})")
     if len(self.shapes) * len(self.colours) < self.max_events:
       raise bad("colours", f"a video needs >= max_events ({self.max_events}) (colour, shape) pairs")
+    if self.qa_weights and (len(self.qa_weights) != len(self.qa_skills) or any(w < 0 for w in self.qa_weights)
+                            or sum(self.qa_weights) <= 0):
+      raise bad("qa_weights", f"expected () or one weight >= 0 per qa_skills entry ({len(self.qa_skills)}), "
+                "not all 0")
+    if any(k not in REASONING_SKILLS for k in self.qa_reasoning):
+      raise bad("qa_reasoning", f"expected skills from {', '.join(REASONING_SKILLS)}")
     mix = dict(self.pool_mix)
     if not mix or any(t not in TASKS or w < 0 for t, w in mix.items()) or sum(mix.values()) <= 0:
       raise bad("pool_mix", f"expected (task, weight >= 0) pairs with tasks from {', '.join(TASKS)}")
@@ -204,8 +221,46 @@ def question_skills(question: str, skill: str) -> tuple:
   return (skill,) + tuple(k for k in SKILLS if k in used and k != skill)
 
 
+def reasoning_answer(ref: str, position: str, skill: str, value: str) -> str:
+  """The stepped answer to "what <skill> is <ref>?": locate the object, then read it.
+  ("the large square", "top left", "colour", "red") ->
+  "the large square is at the top left. the colour is red." """
+  return f"{ref} is at the {position}. the {skill} is {value}."
+
+
+_STEPS = re.compile(r"^\s*(?P<ref>the [a-z ]+?) is at the (?P<position>{}|[a-z ]+?)\.\s*the (?P<skill>{}) is "
+                    r"(?P<value>[a-z]+)\s*\.?\s*$".format("|".join(sorted(POSITIONS, key=len, reverse=True)),
+                                                        "|".join(REASONING_SKILLS)))
+
+
+def parse_reasoning(text: str) -> dict | None:
+  """The steps of a stepped answer (`reasoning_answer`): {"ref", "position", "skill",
+  "value"} (value: the final answer), or None when `text` does not have that form. Only the
+  second step present ("the colour is red.") gives position None; any other text None."""
+  text = " ".join(str(text).lower().split())
+  m = _STEPS.match(text)
+  if m:
+    return m.groupdict()
+  m = re.match(r"^(?:.*\.\s*)?the ({}) is ([a-z]+)\s*\.?$".format("|".join(REASONING_SKILLS)), text)
+  return {"ref": None, "position": None, "skill": m.group(1), "value": m.group(2)} if m else None
+
+
+def final_answer(text: str) -> str:
+  """The answer a (possibly stepped) answer ends in: the last step's value, else the text."""
+  steps = parse_reasoning(text)
+  return steps["value"] if steps else " ".join(str(text).lower().split())
+
+
 def make_question(facts, skill: str, rng: random.Random, cfg: ShapesConfig) -> tuple:
-  """(question, answer, skill) about the objects `facts` of one image."""
+  """(question, answer, skill) about the objects `facts` of one image. Skills in
+  `cfg.qa_reasoning` are answered in steps (`reasoning_answer`); with `cfg.qa_plain` count
+  and existence questions name no attribute of an object."""
+  if cfg.qa_plain and skill in ("count", "existence"):
+    if skill == "count":
+      return "how many objects are there?", str(len(facts)), skill
+    cell = rng.randrange(9)
+    occupied = any(f[4] == POSITIONS[cell] for f in facts)
+    return f"is there an object at the {POSITIONS[cell]}?", "yes" if occupied else "no", skill
   if skill == "count":
     if rng.random() < 0.25:
       return "how many objects are there?", str(len(facts)), skill
@@ -227,8 +282,10 @@ def make_question(facts, skill: str, rng: random.Random, cfg: ShapesConfig) -> t
       ref = _ref(fact, rng.choice(refs))
       if skill == "position":
         return f"where is {ref}?", fact[4], skill
-      word = {"colour": "colour", "shape": "shape", "size": "size"}[skill]
-      return f"what {word} is {ref}?", fact[_ATTR[skill]], skill
+      question = f"what {skill} is {ref}?"
+      if skill in cfg.qa_reasoning:
+        return question, reasoning_answer(ref, fact[4], skill, fact[_ATTR[skill]]), skill
+      return question, fact[_ATTR[skill]], skill
   # Only a position question can fail (identical objects): ask about a cell instead.
   cell = rng.randrange(9)
   occupied = any(f[4] == POSITIONS[cell] for f in facts)
@@ -384,7 +441,9 @@ class ShapesSource:
       rng = random.Random(f"shapes-qa/{key}")  # the task draw does not move the image stream
       ex["qa"] = [make_question(ex["facts"], s, rng, self.cfg) for s in self.cfg.qa_skills]
       if task == "vqa":
-        question, answer, skill = ex["qa"][rng.randrange(len(ex["qa"]))]
+        pick = (rng.choices(range(len(ex["qa"])), self.cfg.qa_weights)[0] if self.cfg.qa_weights
+                else rng.randrange(len(ex["qa"])))
+        question, answer, skill = ex["qa"][pick]
         ex.update(prompt=question, response=answer, skills=question_skills(question, skill))
       else:
         ex.update(prompt=IMAGE_PROMPT, response=ex["caption"], skills=CAPTION_SKILLS)

@@ -1,7 +1,8 @@
 """Held-out evaluation by generation: greedy answers from the model, scored against the truth.
 
 Every record scores `exact_match` (the decoded answer equals the reference response;
-shapes questions of more than one kind also per kind, `gen_exact_<skill>`);
+shapes questions of more than one kind also per kind, `gen_exact_<skill>`; shapes questions
+answered in steps also by their final answer alone, `gen_answer_match` and `gen_answer_<skill>`);
 shapes caption records (with atomic `facts`) also score missing, hallucination and
 repetition rates through `mmjax.evals.captions`.
 """
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 
 from mmjax import sample
-from mmjax.data import catalog, media, pipeline, pixels, steps
+from mmjax.data import catalog, media, pipeline, pixels, shapes, steps
 from mmjax.evals import captions
 
 
@@ -60,6 +61,15 @@ def score(records, answers) -> dict:
       by_skill.setdefault(r["skills"][0], []).append(e)
   if len(by_skill) > 1:
     out.update({f"gen_exact_{k}": float(np.mean(v)) for k, v in sorted(by_skill.items())})
+  stepped = [(r, a) for r, a in zip(records, answers) if shapes.parse_reasoning(pipeline.reference(r))]
+  if stepped:  # shapes questions answered in steps: the final answer alone, overall and per kind
+    right = {}
+    for r, a in stepped:
+      right.setdefault(r["skills"][0], []).append(
+          float(shapes.final_answer(a) == shapes.final_answer(pipeline.reference(r))))
+    out["gen_answer_match"] = float(np.mean([x for v in right.values() for x in v]))
+    if len(right) > 1:
+      out.update({f"gen_answer_{k}": float(np.mean(v)) for k, v in sorted(right.items())})
   timed = [steps.step_metrics(a, r["steps"]) for r, a in zip(records, answers) if r.get("steps")]
   if timed:  # real videos with timed steps (YouCook2 style)
     out.update({k: float(np.mean([m[k] for m in timed])) for k in timed[0]})

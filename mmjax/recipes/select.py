@@ -9,17 +9,26 @@ train set; `config.data` stays the stage's eval data (the target task). Before t
           different from, the test records every stage is scored on); each wrong answer
           is an error (`gaps.collect_errors`);
           the teacher (`select.teacher`: 'facts', the exact atomic-fact analyser, or
-          'model', the final weights of stage `select.teacher_stage` answering every kind
-          of question about each failed image next to the student) names the missing
-          skills and `gaps.gap_profile` sums them; `budget` pool records are retrieved,
+          'model', the final weights of stage `select.teacher_stage`) names the missing
+          skills (stepped answers: those of the first wrong step, `teachers.first_wrong_step`;
+          the model teacher's answer to the same question stands for the truth; other
+          errors: the model teacher answers every kind of question about the failed image
+          next to the student) and `gaps.gap_profile` sums them; `budget` pool records are retrieved,
           round(mix * budget) by cosine similarity of the student's own vision features
           (mean tower tokens of the image, or of the frames) to the failed records', the
           rest by the profile over the pool's skill tags (`retrieve.select`);
   random  `budget` pool records uniformly at random (the baseline of the same size);
   all     the whole pool.
 
+With `select.epochs` > 0 the stage trains that many passes over its selection (at least
+`select.min_steps` steps; `stage_steps`) instead of `config.steps`, so selections of every
+size are trained alike rather than for equal steps.
+
 The selection goes to `STAGE_DIR/selection.json` (indices and meta: method, budget, the
-gap profile, the number of errors, the selected records per skill) atomically and once
+gap profile, the number of errors, how many errors each first wrong step explains
+(`first_wrong_steps`: locate / read for stepped answers, answer for short ones), the
+selected records per skill and the share of them tagged with a missing skill, one of
+profile weight >= 0.1: `on_missing_skill`) atomically and once
 (`mmjax.recipes.kinds`), so a restarted stage trains on the same records. The stage then
 trains through the groups mechanism (`mmjax.train.groups`) with one group `pool` (the
 stage's trainable regexes, the pool data with `indices_path` = the selection).
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import random
 import time
 
@@ -54,6 +64,9 @@ def config_dict() -> dict:
       teacher_stage="",  # teacher='model': the earlier stage whose final weights are the teacher
       mix=0.5,  # share of the budget retrieved by embedding similarity; the rest by skill tags
       seed=0,  # random and skill-tag draws
+      epochs=0.0,  # > 0: the stage trains max(min_steps, ceil(epochs * selected / batch_size)) steps
+      #              (each selection to the same number of passes) instead of config.steps
+      min_steps=0,  # the fewest steps a selection trains when epochs > 0
       pool=ml_collections.ConfigDict(dict(task="pool", num_train_examples=10_000)),  # data overrides of the pool
   ))}
 
@@ -78,6 +91,8 @@ def _check(config, stage_names, check_files) -> None:
     raise ValueError(f"config.select.budget={s.budget} must be > 0")
   if not 0.0 <= s.mix <= 1.0:
     raise ValueError(f"config.select.mix={s.mix} must be in [0, 1]")
+  if s.epochs < 0 or s.min_steps < 0:
+    raise ValueError(f"config.select.epochs={s.epochs} and config.select.min_steps={s.min_steps} must be >= 0")
   if s.method == "errors" and s.val_examples <= 0:
     raise ValueError(f"config.select.val_examples={s.val_examples} must be > 0")
   need = config.sample_eval.num_examples + s.val_examples
@@ -150,7 +165,8 @@ def _model_teacher(run, teacher_variables, student_variables, tokenizer):
     def fn(pairs):
       recs = [dict({k: v for k, v in r.items() if k in ("image", "frames")}, prompt=q, response="")
               for r, q in pairs]
-      return generation.generate_answers(run, variables, recs, tokenizer, max_new_tokens=8,
+      return generation.generate_answers(run, variables, recs, tokenizer,
+                                         max_new_tokens=max(8, run.config.sample_eval.max_new_tokens),
                                          batch=run.config.eval_batch_size)
     return fn
   return teachers.ModelTeacher(answer_fn(teacher_variables), answer_fn(student_variables), probe_questions)
@@ -165,6 +181,12 @@ def probe_questions(record: dict) -> list[tuple]:
   cfg = shapes.ShapesConfig()
   return [shapes.make_question(facts, k, random.Random(f"probe/{record.get('index')}/{k}"), cfg)
           for k in shapes.QA_SKILLS]
+
+
+def on_missing_skill(indices, skills, profile, min_weight: float = 0.1) -> float:
+  """Share of the selected records tagged with a missing skill (profile weight >= min_weight)."""
+  missing = {k for k, w in profile.items() if w >= min_weight}
+  return float(np.mean([bool(missing & set(skills[int(i)])) for i in indices])) if len(indices) else 0.0
 
 
 def selection(config, run, params, tokenizer, finals: dict, log=print) -> str:
@@ -201,12 +223,29 @@ def selection(config, run, params, tokenizer, finals: dict, log=print) -> str:
                        f"{len(val)} validation records; nothing to select from (use 'random' or more val_examples)")
     indices = retrieve.select(skills, pool_emb, failed_emb, profile, s.budget, s.seed, s.mix if profile else 1.0)
     per_skill = collections.Counter(k for i in indices for k in skills[int(i)])
+    steps = collections.Counter(e.details.get("step", "answer") for e in errors)
     meta.update(errors=len(errors), val_examples=len(val), profile=profile, teacher=s.teacher,
-                selected_per_skill=dict(sorted(per_skill.items())))
+                first_wrong_steps=dict(sorted(steps.items())), selected_per_skill=dict(sorted(per_skill.items())),
+                on_missing_skill=on_missing_skill(indices, skills, profile))
   meta["budget"] = len(indices)
   log(f"selection ({s.method}, {time.perf_counter() - t0:.1f}s): {len(indices)} of {n_pool} pool records"
       + (f"; gap profile {', '.join(f'{k}={v:.2f}' for k, v in meta['profile'].items())}" if "profile" in meta else ""))
   return retrieve.selection_json(indices, meta)
+
+
+def selected_count(config) -> int:
+  """How many pool records the stage's selection holds (the budget, or the whole pool)."""
+  s = config.select
+  return len(catalog.open_source(pool_data(config), "train")) if s.method == "all" else int(s.budget)
+
+
+def stage_steps(config) -> int:
+  """The stage's training steps: `config.steps`, or with `select.epochs` > 0 that many
+  passes over the selection, at least `select.min_steps`."""
+  s = config.select
+  if s.epochs <= 0:
+    return int(config.steps)
+  return max(int(s.min_steps), math.ceil(s.epochs * selected_count(config) / config.batch_size))
 
 
 def with_selection(config, path: str) -> ml_collections.ConfigDict:
@@ -225,7 +264,7 @@ class Selection(kinds.StageKind):
     return bool(config.select.method)
 
   def configure(self, config, path):
-    return with_selection(config, path)
+    return with_selection(derive(config, steps=stage_steps(config)), path)
 
   def produce(self, ctx) -> str:
     return selection(ctx.config, ctx.run, ctx.start_variables()["params"], ctx.tokenizer, ctx.finals, log=ctx.log)

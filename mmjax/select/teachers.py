@@ -4,12 +4,21 @@ A teacher maps an `ErrorRecord` to {skill: weight} with skills from `shapes.SKIL
 (`mmjax.select.gaps.Teacher`). Two are provided:
 
   FactTeacher()   exact, for the shapes grammar: compares the predicted and true atomic
-                  facts of a caption (the matching of `mmjax.evals.captions`), or takes a
-                  wrong vqa answer's question skill. Weights of an error sum to 1.
+                  facts of a caption (the matching of `mmjax.evals.captions`), finds the
+                  first wrong step of a stepped answer, or takes a short wrong answer's
+                  question skill. Weights of an error sum to 1.
   ModelTeacher(teacher_answer_fn, student_answer_fn, questions_fn)
                   asks a stronger model and the student per-skill questions about the
                   failed example; a skill is missing where the teacher is right and the
-                  student is wrong. Weights sum to 1, or {} when no skill is found.
+                  student is wrong (stepped answers: the first step where the student's
+                  answer leaves the teacher's). Weights sum to 1, or {} when none is found.
+
+FactTeacher, questions. A question answered in steps (`shapes.reasoning_answer`: locate the
+object, then read the asked attribute) costs its unit at the first wrong step
+(`first_wrong_step`): locating the wrong object goes to the reference attributes in which
+the object found differs from the true one, reading goes to the asked skill. A short answer
+costs its unit to the skill asked. The model teacher marks the first step in which the
+student's stepped answer differs from its own answer to the same question.
 
 FactTeacher, captions. The prediction is parsed and matched as `caption_metrics` does
 (images: a multiset of objects; videos: in order, by the longest common subsequence of
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import collections
 
+from mmjax.data import shapes
 from mmjax.evals import captions
 from mmjax.select.gaps import ErrorRecord, normalise_answer, order_skills
 
@@ -94,12 +104,50 @@ def _normalised(units: dict) -> dict[str, float]:
   return {s: units[s] / total for s in order_skills(units)} if total > 0 else {}
 
 
+def _even(skills) -> dict[str, float]:
+  skills = order_skills(skills)
+  return {s: 1 / len(skills) for s in skills}
+
+
+def first_wrong_step(prediction: str, question: str, response: str, facts=None):
+  """The first wrong step of a stepped answer (`shapes.reasoning_answer`) and the skills it
+  needs: ("locate", {skill: w}) or ("read", {skill: 1.0}); None when every step is right
+  (or `response` is not stepped).
+
+  locate  the first step (which object, where) differs from the truth, or does not parse:
+          with `facts` (the image's objects) and an object at the stated position, the
+          question's reference attributes (`shapes.question_skills` after the asked one) in
+          which that object differs from the true one; otherwise all reference attributes
+          evenly (the object was not found, or its attributes are unknown);
+  read    the object is right but the asked attribute or its value is wrong: the asked skill.
+  """
+  truth = shapes.parse_reasoning(response)
+  if truth is None or truth["position"] is None:
+    return None
+  ref_skills = shapes.question_skills(question, truth["skill"])[1:] or (truth["skill"],)
+  pred = shapes.parse_reasoning(prediction)
+  if pred is None or (pred["ref"], pred["position"]) != (truth["ref"], truth["position"]):
+    objects = {f[4]: f for f in facts or () if f and f[0] == "object"}
+    found, target = objects.get(pred and pred["position"]), objects.get(truth["position"])
+    diff = [s for s in ref_skills if found and target and found[_IMAGE_FIELDS[s]] != target[_IMAGE_FIELDS[s]]]
+    return "locate", _even(diff or ref_skills)
+  if (pred["skill"], pred["value"]) != (truth["skill"], truth["value"]):
+    return "read", {truth["skill"]: 1.0}
+  return None
+
+
 class FactTeacher:
   """The exact atomic-fact teacher for shapes (see the module docstring)."""
 
   def missing_skills(self, error: ErrorRecord) -> dict[str, float]:
     """{skill: weight} summing to 1 ({} when the prediction has no error)."""
     if error.kind == "vqa":
+      record = error.record or {}
+      step = first_wrong_step(error.prediction, error.details.get("question") or "", str(error.truth),
+                              record.get("facts"))
+      if step is not None:
+        error.details["step"] = step[0]
+        return _normalised(step[1])
       skill = error.details.get("skill") or (error.skills[0] if error.skills else None)
       return {skill: 1.0} if skill else {}
     if error.kind not in captions.KINDS:
@@ -149,13 +197,37 @@ class ModelTeacher:
     return [normalise_answer(a) for a in answers]
 
   def missing_skills_batch(self, errors) -> list[dict[str, float]]:
-    """{skill: weight} of each error, with one teacher and one student call in all."""
+    """{skill: weight} of each error, with one teacher and one student call in all (a
+    stepped-answer error: one teacher question, its own, and no student call)."""
     errors = list(errors)
-    owners, pairs, known, skills = [], [], [], []
-    for i, error in enumerate(errors):
+    for error in errors:
       if error.record is None:
         raise ValueError(f"ModelTeacher needs the source record of error {error.index} "
                          "(collect_errors keeps it in ErrorRecord.record)")
+    is_stepped = [e.kind == "vqa" and shapes.parse_reasoning(str(e.truth)) is not None for e in errors]
+    stepped = iter(self._steps([e for e, st in zip(errors, is_stepped) if st]))
+    probed = iter(self._probe([e for e, st in zip(errors, is_stepped) if not st]))
+    return [next(stepped) if st else next(probed) for st in is_stepped]
+
+  def _steps(self, errors) -> list[dict[str, float]]:
+    """Stepped answers: the teacher answers the same question; the student's first step that
+    differs from the teacher's names the skills (`first_wrong_step` with the teacher's
+    answer as the truth and no facts: a wrong locate step spreads over the reference
+    attributes). {} when the teacher's answer is not stepped or equals the student's."""
+    questions = [e.details.get("question") or e.record.get("prompt") for e in errors]
+    answers = self._ask(self.teacher_answer_fn, [(e.record, q) for e, q in zip(errors, questions)], "teacher")
+    out = []
+    for e, q, t in zip(errors, questions, answers):
+      step = first_wrong_step(e.prediction, q, t)
+      if step is not None:
+        e.details["step"] = step[0]
+      out.append(_normalised(step[1]) if step else {})
+    return out
+
+  def _probe(self, errors) -> list[dict[str, float]]:
+    """Other errors: per-skill probe questions to the teacher and the student."""
+    owners, pairs, known, skills = [], [], [], []
+    for i, error in enumerate(errors):
       for q in self.questions_fn(error.record):
         if len(q) == 3:
           question, answer, skill = q
