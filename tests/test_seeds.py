@@ -64,3 +64,32 @@ def test_two_seeds_of_a_shortened_recipe(tmp_path):
   assert "±" in (tmp_path / "seeds.txt").read_text()
   again = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
   assert again.returncode == 0 and "seed 0:" not in again.stdout  # finished seeds are not run again
+
+
+def _fake_errordriven_seed(root, seed, student, errors, random_, full, on_missing):
+  d = root / f"seed_{seed}"
+  results = {name: {"eval_after": {"gen_answer_match": v}} for name, v in
+             (("student", student), ("errors_30", 0.0), ("random_30", 0.0), ("errors_300", errors),
+              ("random_300", random_), ("full", full))}
+  for b in (30, 300):
+    (d / "stages" / f"errors_{b}").mkdir(parents=True)
+    (d / "stages" / f"errors_{b}" / "selection.json").write_text(
+        json.dumps({"indices": [], "meta": {"on_missing_skill": on_missing}}))
+  (d / "results.json").write_text(json.dumps(results))
+
+
+def test_errordriven_report_checks_each_target_per_seed(tmp_path):
+  import errordriven_report as report_tool
+  _fake_errordriven_seed(tmp_path, 0, 0.40, 0.60, 0.45, 0.62, 0.9)
+  _fake_errordriven_seed(tmp_path, 1, 0.42, 0.58, 0.50, 0.60, 0.8)
+  rows = report_tool.seed_rows(str(tmp_path), "gen_answer_match", None)
+  assert [r["budget"] for r in rows] == [300, 300]  # the largest budget by default
+  assert rows[0]["errors_minus_random"] == pytest.approx(0.15) and rows[1]["headroom"] == pytest.approx(0.18)
+  text = report_tool.report(rows, "gen_answer_match")
+  assert "holds          headroom" in text and "holds          share of full" in text
+  assert "does not hold  beats random" in text  # seed 1: 0.08 < 0.10
+  assert "holds          on target" in text and "0.5900 ± 0.0141" in text
+  assert report_tool.main(["--workdir", str(tmp_path), "--budget", "30"]) == 0
+  assert "budget 30" in (tmp_path / "errordriven_report.txt").read_text()
+  with pytest.raises(SystemExit, match="--budget=7 is not a budget"):
+    report_tool.seed_rows(str(tmp_path), "gen_answer_match", 7)

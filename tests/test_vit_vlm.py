@@ -336,3 +336,29 @@ def test_config_validation():
   cfg = VLMConfig.from_dict(dict(vision=dataclasses.asdict(SIGLIP), llm=dataclasses.asdict(LLM), image_token_id=IMG,
                                  feature="all", feature_layer=-2))
   assert cfg.vision == SIGLIP and vlm_lib.num_visual_tokens(cfg, "image", image_size=(25, 15)) == 15
+
+
+def test_builtin_vlm_with_a_separate_video_tower():
+  """config.vlm.video_tower=True gives the built-in VLM a second ViT for frames, so LoRA
+  targets and trainable regexes can name the image and the video path apart."""
+  import importlib.util
+  from mmjax import sharding
+  from mmjax.config import core
+  from mmjax.data.tokenizer import load_tokenizer
+  from mmjax.train import run as run_lib
+  spec = importlib.util.spec_from_file_location("cfg", "configs/shapes_directed.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = core.stage_config(mod.get_config("scale=0.02"), "video")
+  config.vlm.video_tower = True
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  run = run_lib.build(config, mesh, load_tokenizer(config.data.tokenizer))
+  variables = run.abstract_state.variables
+  params, lora = variables["params"], variables["lora"]
+  assert {"vision", "video_tower", "projector", "llm"} <= set(params)
+  assert _shapes(params["video_tower"]) == _shapes(params["vision"])
+  assert {"vision", "video_tower"} <= set(lora)  # ALL_PROJECTIONS reach both towers
+  # the stage's trainable regexes pick the video path's leaves only (no image-tower adapter)
+  trainable = run.abstract_state.trainable
+  assert "video_tower" not in trainable.get("lora", {}) and "vision" not in trainable.get("lora", {})
+  assert run.model_cfg.video_tower

@@ -40,6 +40,8 @@ def vlm_config_dict(**overrides) -> ml_collections.ConfigDict:
       temporal_pool=1,  # average frames over time in groups of this many
       feature="patches",  # 'patches', 'all' (with the class token) or 'pooled' (one token per frame)
       feature_layer=ml_collections.config_dict.placeholder(int),  # None: the tower's output; int: a hidden state (HF vision_feature_layer)
+      video_tower=False,  # frames go through a second ViT `video_tower/` (config.vision's shape), images
+      #                     through `vision/`: separate image and video paths (as Video-LLaVA's two towers)
   ))
   cfg.update(overrides)
   return cfg
@@ -102,7 +104,8 @@ class VLMFamily(base.Family):
       cfg = vlm.VLMConfig(
           vision=tower.vit_config(config), llm=decoder.decoder_config(config, tokenizer),
           projector=x.projector, projector_hidden=x.projector_hidden or None, image_token_id=tokenizer.image_id,
-          max_frames=x.max_frames, temporal_pool=x.temporal_pool, feature=x.feature, feature_layer=x.feature_layer)
+          max_frames=x.max_frames, temporal_pool=x.temporal_pool, feature=x.feature, feature_layer=x.feature_layer,
+          video_tower=bool(x.video_tower))
     size = config.data.image_size
     visual = {"image": (cfg.image_token_id, vlm.num_visual_tokens(cfg, "image", image_size=size))}
     if cfg.max_frames:
