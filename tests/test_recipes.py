@@ -89,3 +89,20 @@ def test_shapes_errordriven_recipe_two_seeds_end_to_end(tmp_path):
                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
   assert cli.returncode == 0, cli.stderr[-3000:]
   assert retrieve.read_selection(out)[0].tolist() == chosen[0]
+
+
+@pytest.mark.slow
+def test_shapes_errordriven_with_the_model_teacher(tmp_path):
+  """teacher=model: a longer-trained `teacher` stage answers each failed validation question
+  itself; the student's first step that leaves the teacher's answer names the skills (this
+  short a teacher may explain none: mix=0.5 then retrieves by image features alone)."""
+  from mmjax.select import retrieve
+  r = run_main(["--config", "configs/shapes_errordriven.py:scale=0.02,budgets=24,pool=96,val=16,eval=4,epochs=1,"
+                "teacher=model,mix=0.5", "--workdir", str(tmp_path)])
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.load(open(tmp_path / "results.json"))
+  assert {"student", "teacher", "errors_24", "random_24", "full"} <= set(results)
+  _, meta = retrieve.read_selection(tmp_path / "stages" / "errors_24" / "selection.json")
+  assert meta["teacher"] == "model" and meta["errors"] > 0
+  assert sum(meta["first_wrong_steps"].values()) == meta["errors"]
+  assert set(meta["first_wrong_steps"]) <= {"locate", "read", "answer"}
