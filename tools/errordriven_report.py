@@ -7,7 +7,8 @@ configs/shapes_errordriven.py.
 Per seed (W/seed_K/results.json and the stages' selection.json files) and as mean ± sd:
 the student, error-driven and random selections at the budget (default: the largest) and
 the full pool; error-driven as a share of the full pool; error-driven minus random; the
-share of the error-driven selection tagged with a missing skill; the headroom (full minus
+share of the error-driven selection tagged with a missing skill (on_missing_skill) and the
+stricter share whose question asks one (asks_missing_skill); the headroom (full minus
 student). Then each target of the paper (issue 15) as holds / does not hold:
 
   headroom         full - student >= 0.15 on every seed (else the experiment is invalid)
@@ -20,9 +21,7 @@ Writes W/errordriven_report.txt (and prints it).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import math
 import os
 import re
 import sys
@@ -31,66 +30,62 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mmjax.files import atomic_write  # noqa: E402
+from mmjax.recipes.claims import ReportError, after, seed_results, table, verdicts  # noqa: E402
 
 
-def _after(results: dict, stage: str, metric: str) -> float:
-  try:
-    return float(results[stage]["eval_after"][metric])
-  except (KeyError, TypeError):
-    raise SystemExit(f"results.json has no {metric} for stage {stage!r}; stages: "
-                     f"{', '.join(k for k in results if not k.startswith('_'))}") from None
+def asks_missing(seed_dir: str, stage: str, indices, profile: dict, min_weight: float = 0.1) -> float:
+  """Share of the selected pool records whose question *asks* a missing skill (its first
+  skill tag has profile weight >= min_weight), from the run's own config.json: stricter than
+  `on_missing_skill`, which counts any tag (a plain "is there an object at the top?" is
+  tagged existence and position)."""
+  import ml_collections
+  from mmjax.config import core
+  from mmjax.data import catalog
+  from mmjax.recipes import select
+  path = os.path.join(seed_dir, "config.json")
+  if not os.path.exists(path) or not indices:
+    return float("nan")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  pool = catalog.open_source(select.pool_data(core.stage_config(config, stage)), "train")
+  missing = {k for k, w in profile.items() if w >= min_weight}
+  asks = [tuple(pool[int(i)].get("skills", ()))[:1] for i in indices]
+  return sum(bool(a and a[0] in missing) for a in asks) / len(asks)
 
 
 def seed_rows(workdir: str, metric: str, budget: int | None) -> list[dict]:
   """One dict per finished seed: the compared rates and the selection's statistics."""
   rows = []
-  for path in sorted(glob.glob(os.path.join(workdir, "seed_*", "results.json")),
-                     key=lambda p: int(re.search(r"seed_(\d+)", p).group(1))):
-    seed_dir = os.path.dirname(path)
-    with open(path) as f:
-      results = json.load(f)
+  for seed, seed_dir, results in seed_results(workdir):
     budgets = sorted(int(k.split("_")[1]) for k in results if re.fullmatch(r"errors_\d+", k))
     if not budgets:
-      raise SystemExit(f"{path} has no errors_B stage: is this an error-driven recipe's run?")
+      raise ReportError(f"{seed_dir}/results.json has no errors_B stage: is this an error-driven recipe's run?")
     b = budget or budgets[-1]
     if b not in budgets:
-      raise SystemExit(f"--budget={b} is not a budget of {path}; budgets: {', '.join(map(str, budgets))}")
+      raise ReportError(f"--budget={b} is not a budget of {seed_dir}; budgets: {', '.join(map(str, budgets))}")
     sel = os.path.join(seed_dir, "stages", f"errors_{b}", "selection.json")
     if not os.path.exists(sel):
-      raise SystemExit(f"{sel} is missing: the errors_{b} stage of seed {seed_dir} did not select")
+      raise ReportError(f"{sel} is missing: the errors_{b} stage of seed {seed_dir} did not select")
     with open(sel) as f:
-      meta = json.load(f)["meta"]
-    row = dict(seed=int(re.search(r"seed_(\d+)", seed_dir).group(1)), budget=b,
-               student=_after(results, "student", metric), errors=_after(results, f"errors_{b}", metric),
-               random=_after(results, f"random_{b}", metric), full=_after(results, "full", metric),
+      selection = json.load(f)
+    meta, idx = selection["meta"], selection["indices"]
+    row = dict(seed=seed, budget=b,
+               asks_missing_skill=asks_missing(seed_dir, f"errors_{b}", idx, meta.get("profile") or {}),
+               student=after(results, "student", metric), errors=after(results, f"errors_{b}", metric),
+               random=after(results, f"random_{b}", metric), full=after(results, "full", metric),
                on_missing_skill=float(meta.get("on_missing_skill", float("nan"))))
     row.update(headroom=row["full"] - row["student"], share_of_full=row["errors"] / row["full"] if row["full"] else
                float("nan"), errors_minus_random=row["errors"] - row["random"])
     rows.append(row)
-  if not rows:
-    raise SystemExit(f"no seed_K/results.json under {workdir}; run tools/seeds.py first")
   return rows
 
 
-def _mean_sd(values) -> str:
-  n = len(values)
-  mean = sum(values) / n
-  if n < 2:
-    return f"{mean:.4f}"
-  return f"{mean:.4f} ± {math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)):.4f}"
-
-
 COLUMNS = ("student", "errors", "random", "full", "share_of_full", "errors_minus_random", "on_missing_skill",
-           "headroom")
+           "asks_missing_skill", "headroom")
 
 
 def report(rows: list[dict], metric: str) -> str:
-  b = rows[0]["budget"]
-  lines = [f"error-driven selection, {metric}, budget {b} ({len(rows)} seeds)",
-           "seed  " + "".join(f"{c:>21}" for c in COLUMNS)]
-  for r in rows:
-    lines.append(f"{r['seed']:<6}" + "".join(f"{r[c]:>21.4f}" for c in COLUMNS))
-  lines.append("mean  " + "".join(f"{_mean_sd([r[c] for r in rows]):>21}" for c in COLUMNS))
+  lines = table(f"error-driven selection, {metric}, budget {rows[0]['budget']} ({len(rows)} seeds)", rows, COLUMNS)
   mean = lambda c: sum(r[c] for r in rows) / len(rows)
   checks = [("headroom: full - student >= 0.15 on every seed", all(r["headroom"] >= 0.15 for r in rows)),
             ("share of full: error-driven >= 0.94 x full (mean)", mean("errors") >= 0.94 * mean("full")),
@@ -99,7 +94,7 @@ def report(rows: list[dict], metric: str) -> str:
             ("on target: >= 70% of selected records on a missing skill (every seed)",
              all(r["on_missing_skill"] >= 0.70 for r in rows))]
   lines.append("")
-  lines += [f"{'holds' if ok else 'does not hold':<14} {text}" for text, ok in checks]
+  lines += verdicts(checks)
   if not checks[0][1]:
     lines.append("(without headroom the other rows are not a result: the full pool cannot teach the target)")
   return "\n".join(lines)
