@@ -62,6 +62,7 @@ def test_wrong_colour():
   text = "a large green circle at the top left. a small blue square at the center."
   m = captions.caption_metrics(text, FACTS)
   assert m["n_missing"] == 1 and m["n_invented"] == 1 and m["missing"] == 0.5 and m["hallucination"] == 0.5
+  assert m["error"] == 1.0  # the global error rate: missing + hallucination
   assert m["err_colour"] == 1 and m["err_count"] == 0
   assert sum(m[f"err_{s}"] for s in ("shape", "size", "position", "temporal_order")) == 0
 
@@ -108,6 +109,7 @@ def test_aggregate():
   assert agg["exact_match"] == pytest.approx(1 / 3)
   assert agg["missing"] == pytest.approx((0 + 1 + 1) / 3)
   assert agg["micro_missing"] == pytest.approx(4 / 6) and agg["micro_hallucination"] == pytest.approx(1 / 6)
+  assert agg["error"] == pytest.approx((0 + 1 + 1.5) / 3) and agg["micro_error"] == pytest.approx(5 / 6)
   assert agg["err_colour_rate"] == pytest.approx(1 / 6) and agg["err_count_rate"] == pytest.approx(2 / 3)
   assert captions.aggregate([]) == {"n_examples": 0}
 

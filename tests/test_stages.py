@@ -91,6 +91,27 @@ def test_headroom_check_marks_a_table_without_room_invalid():
   assert results_lib.headroom(results, ml_collections.ConfigDict(dict(metric=""))) is None
   # results.json's _headroom entry is not a stage of the table
   assert [label for label, _ in results_lib.table_rows({**results, "_headroom": h})] == ["student", "full"]
+  # an error rate: the ceiling must be lower than the floor by `min`
+  check.update(metric="error", lower_is_better=True)
+  errors = {"student": {"eval_after": {"error": 0.9}}, "full": {"eval_after": {"error": 0.6}}}
+  h = results_lib.headroom(errors, check)
+  assert h["value"] == pytest.approx(0.3) and h["valid"] and "error (lower is better): full +0.3000" in \
+      results_lib.headroom_line(h)
+  errors["full"]["eval_after"]["error"] = 0.8
+  assert not results_lib.headroom(errors, check)["valid"]
+
+
+def test_eval_key_ignores_what_only_training_reads():
+  """Arms of a recipe that start from one stage and evaluate alike share one step-0 evaluation."""
+  c = tiny_config()
+  key = stages.eval_key("pretrain", c)
+  for dotted, value in (("data.num_train_examples", 7), ("data.indices_path", "/x.json"), ("steps", 9),
+                        ("lora.rank", 2), ("optimizer.lr", 0.5), ("trainable", ("params/.*",))):
+    assert stages.eval_key("pretrain", core.derive(c, {dotted: value})) == key, dotted
+  for dotted, value in (("data.num_eval_examples", 7), ("sample_eval.max_new_tokens", 3), ("seq_len", 32),
+                        ("model.n_layers", 3)):
+    assert stages.eval_key("pretrain", core.derive(c, {dotted: value})) != key, dotted
+  assert stages.eval_key("other", c) != key
 
 
 def test_headroom_stages_must_exist():

@@ -17,6 +17,7 @@ Metrics of one caption (n_true = number of true facts):
   missing        true facts not matched / n_true
   hallucination  invented items / max(n_true, 1); an invented item is a parsed fact that
                  matches no true fact, or an unparseable span (each counts as one)
+  error          missing + hallucination (the global error rate of video-SALMONN 2)
   repetition     repeated items / predicted items (0 when none); an item is repeated when an
                  earlier item of the caption is the same fact (videos: the same event,
                  step number ignored) or the same unparsed span. A repetition is counted
@@ -61,7 +62,7 @@ _SPLIT = re.compile(r"[.,;!?\n]")
 KINDS = ("image", "video")
 ATTRIBUTE_SKILLS = ("colour", "shape", "size", "position")
 ERROR_SKILLS = ("colour", "shape", "size", "position", "count", "temporal_order")
-_RATES = ("missing", "hallucination", "repetition", "exact_match")
+_RATES = ("missing", "hallucination", "error", "repetition", "exact_match")
 _COUNTS = ("n_true", "n_pred", "n_missing", "n_invented", "n_repeated", "n_unparsed")
 
 
@@ -225,6 +226,7 @@ def caption_metrics(pred_text: str, true_facts, kind: str = "image", true_times=
   out = {
       "missing": n_missing / n_true if n_true else 0.0,
       "hallucination": n_invented / max(n_true, 1),
+      "error": (n_missing / n_true if n_true else 0.0) + n_invented / max(n_true, 1),
       "repetition": n_repeated / n_pred if n_pred else 0.0,
       "exact_match": float(exact),
       "n_true": n_true, "n_pred": n_pred, "n_missing": n_missing, "n_invented": n_invented,
@@ -240,6 +242,7 @@ def aggregate(metrics: list[dict]) -> dict:
   """Means over examples of the rates and counts, plus summed-over-examples rates:
 
     micro_missing / micro_hallucination   summed n_missing / n_invented over summed n_true
+    micro_error                           their sum (the global error rate)
     err_SKILL_rate                        summed err_SKILL over summed n_true (err_count:
                                           over the number of examples)
     n_examples
@@ -256,6 +259,7 @@ def aggregate(metrics: list[dict]) -> dict:
   n_true = max(total("n_true"), 1.0)
   out["micro_missing"] = total("n_missing") / n_true
   out["micro_hallucination"] = total("n_invented") / n_true
+  out["micro_error"] = out["micro_missing"] + out["micro_hallucination"]
   for s in ERROR_SKILLS:
     out[f"err_{s}_rate"] = total(f"err_{s}") / (n if s == "count" else n_true)
   return out

@@ -3,8 +3,9 @@
 Every record scores `exact_match` (the decoded answer equals the reference response;
 shapes questions of more than one kind also per kind, `gen_exact_<skill>`; shapes questions
 answered in steps also by their final answer alone, `gen_answer_match` and `gen_answer_<skill>`);
-shapes caption records (with atomic `facts`) also score missing, hallucination and
-repetition rates through `mmjax.evals.captions`.
+shapes caption records (with atomic `facts`) also score missing, hallucination, their sum
+`error` (with its standard error over captions, `error_se`) and repetition rates through
+`mmjax.evals.captions`, per caption and micro-averaged (`micro_*`).
 """
 from __future__ import annotations
 
@@ -78,8 +79,11 @@ def score(records, answers) -> dict:
           for r, a in zip(records, answers) if r.get("kind") in ("image_caption", "video_caption")]
   if caps:
     agg = captions.aggregate(caps)
-    out.update(missing=agg["missing"], hallucination=agg["hallucination"], repetition=agg["repetition"],
-               micro_missing=agg["micro_missing"], micro_hallucination=agg["micro_hallucination"])
+    errors = np.array([m["error"] for m in caps])
+    out.update(missing=agg["missing"], hallucination=agg["hallucination"], error=agg["error"],
+               error_se=float(errors.std(ddof=1) / np.sqrt(len(errors))) if len(errors) > 1 else 0.0,
+               repetition=agg["repetition"], micro_missing=agg["micro_missing"],
+               micro_hallucination=agg["micro_hallucination"], micro_error=agg["micro_error"])
     if "timing" in agg:
       out["timing"] = agg["timing"]
   return out

@@ -55,6 +55,11 @@ class Family:
                          "config.model sizes and dtypes against the checkpoint)")
     return params
 
+  def start_from(self, config, run, params: dict) -> dict:
+    """An earlier stage's result (params) as this stage's starting params; a family whose
+    stages may add parts fills them here (default: the params as they are)."""
+    return params
+
   def export(self, workdir: str, config, run, variables: dict) -> None:
     """Writes the finished run's model (`variables`: params and, if any, the adapter) under
     `workdir`, each directory atomically (`mmjax.files.atomic_dir`) and only when it is not

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from mmjax import files
@@ -130,6 +132,15 @@ class VLMFamily(base.Family):
       parts["vision"] = tower.import_tower
     return parts
 
+
+  def start_from(self, config, run, params):
+    """A stage that adds the video tower (`vlm.video_tower`) to an earlier stage's one-tower
+    model starts it as a copy of the image tower, as Video-LLaVA's LanguageBind video tower
+    starts from its image encoder: the two paths are aligned at the start and drift apart
+    only by what each is trained on."""
+    if run.model_cfg.video_tower and "video_tower" not in params and "vision" in params:
+      return dict(params, video_tower=jax.tree.map(jnp.copy, params["vision"]))
+    return params
 
   def export(self, workdir, config, run, variables):
     path = os.path.join(workdir, "model")

@@ -65,7 +65,8 @@ def table(results: dict) -> str:
 
 def headroom(results: dict, check) -> dict | None:
   """The recipe's validity check (`config.headroom`): {metric, floor, ceiling, value, min,
-  valid}, value = ceiling stage's metric - floor stage's (eval after training); None when
+  valid, lower_is_better}, value = ceiling stage's metric - floor stage's (eval after
+  training; floor's - ceiling's for an error rate, `lower_is_better`); None when
   there is no check or a stage lacks the metric."""
   if not check or not check.metric:
     return None
@@ -73,16 +74,18 @@ def headroom(results: dict, check) -> dict | None:
   lo, hi = ev(check.floor).get(check.metric), ev(check.ceiling).get(check.metric)
   if lo is None or hi is None:
     return None
-  value = float(hi) - float(lo)
+  lower = bool(check.get("lower_is_better", False))
+  value = (float(lo) - float(hi)) if lower else (float(hi) - float(lo))
   return dict(metric=check.metric, floor=check.floor, ceiling=check.ceiling, value=value, min=float(check.min),
-              valid=value >= check.min)
+              valid=value >= check.min, lower_is_better=lower)
 
 
 def headroom_line(h: dict) -> str:
   verdict = ("valid" if h["valid"] else
              f"INVALID: below {h['min']:.2f}, the ceiling is too close to the floor for the compared methods "
              "to differ; this table is not a result")
-  return (f"headroom {h['metric']}: {h['ceiling']} {h['value'] + 0:+.4f} over {h['floor']} "
+  metric = h["metric"] + (" (lower is better)" if h.get("lower_is_better") else "")
+  return (f"headroom {metric}: {h['ceiling']} {h['value'] + 0:+.4f} over {h['floor']} "
           f"(minimum {h['min']:.2f}): {verdict}")
 
 

@@ -16,6 +16,10 @@ A finished recipe prints a table of every stage's held-out metrics and writes it
 `done.json` is written, each output directory atomically, so a kill at any point leaves nothing
 half-written and the rerun of the same command completes what is missing.
 
+Stages that start from the same stage and evaluate alike (`eval_key`: same eval data,
+generation settings and model) start from the same params, so the first one's step-0
+evaluation is reused by the others instead of being computed again (a recipe's arms).
+
 With no stages, the config itself is the only stage and works in WORKDIR.
 """
 from __future__ import annotations
@@ -50,7 +54,8 @@ def config_dict() -> dict:
       # A recipe's validity check, printed under its table: the ceiling stage's `metric` minus the
       # floor stage's (eval after training); below `min` the experiment is marked INVALID (no room
       # for the compared methods to differ). metric '' = no check.
-      headroom=ml_collections.ConfigDict(dict(metric="", floor="", ceiling="", min=0.15)),
+      # lower_is_better: the metric is an error rate, the headroom is floor's minus ceiling's.
+      headroom=ml_collections.ConfigDict(dict(metric="", floor="", ceiling="", min=0.15, lower_is_better=False)),
   )
 
 
@@ -70,6 +75,24 @@ def validate(config, env) -> None:
                       f"earlier stages: {', '.join(env.earlier_stages) or 'none'} (or {INIT!r}, the starting model)")
 
 
+# What only training reads: the rest of a stage's config (new keys included) shapes its evaluation.
+TRAIN_ONLY = ("steps", "optimizer", "lora", "trainable", "groups", "group_schedule", "joint", "select", "batch_size",
+              "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_at_start",
+              "stage_order", "stages", "init_from_stage", "headroom")
+TRAIN_ONLY_DATA = ("num_train_examples", "train_path", "train_split", "indices_path", "responses_path", "shuffle",
+                   "worker_count")
+
+
+def eval_key(start: str, config) -> str:
+  """What a stage's step-0 evaluation depends on: the stage it starts from and every setting
+  but those only its training reads (`TRAIN_ONLY`; the LoRA settings too, as a fresh
+  adapter adds exactly zero)."""
+  plain = lambda v: v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+  sections = {k: plain(v) for k, v in config.items() if k not in TRAIN_ONLY}
+  sections["data"] = {k: v for k, v in sections["data"].items() if k not in TRAIN_ONLY_DATA}
+  return json.dumps([start, sections], sort_keys=True, default=str)
+
+
 def save_params(path: str, params) -> None:
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.abspath(path), params, force=True)
@@ -86,7 +109,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   recipe = bool(config.stage_order)
   names = tuple(config.stage_order) or ("main",)
-  results, finals = {}, {}
+  results, finals, start_evals = {}, {}, {}  # start_evals: eval_key -> a step-0 evaluation
   prev = None
   for name in names:
     cfg = stage_config(config, name) if recipe else config
@@ -97,20 +120,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
     cfg = kinds.configure(stage_kinds, cfg, sdir)
     run = run_lib.build(cfg, mesh, tokenizer)
     done = os.path.join(sdir, "done.json")
+    start_from = cfg.init_from_stage or prev
+    key = eval_key(str(start_from), cfg)
     if os.path.exists(done):  # finished before a restart: load its result, don't retrain
       finals[name] = restore_params(os.path.join(sdir, "final"), run)
       with open(done) as f:
         results[name] = json.load(f)
+      if results[name].get("eval_before"):
+        start_evals.setdefault(key, results[name]["eval_before"])
       prev = name
       continue
-    start_from = cfg.init_from_stage or prev
-    base = finals[start_from] if start_from not in (None, INIT) else run.family.import_hf(cfg, run)
+    if start_from in (None, INIT):
+      base = run.family.import_hf(cfg, run)
+    else:
+      with jax.set_mesh(mesh):
+        base = run.family.start_from(cfg, run, finals[start_from])
     ctx = kinds.StageContext(label, cfg, sdir, run, tokenizer, mesh, base, finals)
     with jax.set_mesh(mesh):
       prepared = kinds.prepare(stage_kinds, ctx)
     del ctx  # its starting variables are rebuilt by the loop
-    summary = loop.train_stage(cfg, sdir, mesh, tokenizer, base, label, run=run, prepared=prepared)
+    summary = loop.train_stage(cfg, sdir, mesh, tokenizer, base, label, run=run, prepared=prepared,
+                               eval_before=start_evals.get(key) if recipe else None)
     results[name] = summary
+    if summary.get("eval_before") and summary["start_step"] == 0:
+      start_evals.setdefault(key, summary["eval_before"])
     if summary["preempted"]:
       break
     if name == names[-1]:  # the model, before done.json: a rerun after a kill here exports it again

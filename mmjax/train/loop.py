@@ -87,14 +87,16 @@ class _StopFlag:
 
 
 def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: str = "", *, run: Run | None = None,
-                prepared: dict | None = None) -> dict:
+                prepared: dict | None = None, eval_before: dict | None = None) -> dict:
   """Trains one stage for `config.steps` steps, resuming from `workdir/checkpoints` if present.
 
   `base_params` (sharded like `run.abstract_params`) replaces the random init: the
   previous stage's result or an imported Hugging Face model. `run` is `build(config, mesh,
   tokenizer)` when the caller has it already; `prepared` names the data files the stage
-  prepared (`mmjax.recipes.kinds`). Returns a summary: eval metrics before/after, last train
-  metrics, whether a signal stopped it, the final state and the `Run`. Raises NonFiniteLoss
+  prepared (`mmjax.recipes.kinds`); `eval_before`, the step-0 evaluation when the caller
+  already has it for these very params and eval settings (another arm of a recipe). Returns
+  a summary: eval metrics before/after, last train metrics, whether a signal stopped it, the
+  final state and the `Run`. Raises NonFiniteLoss
   (after keeping the last good checkpoint intact).
   """
   os.makedirs(workdir, exist_ok=True)
@@ -140,7 +142,12 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
     writer.line(f"{prefix}mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].device_kind} "
                 f"device(s), {pcount} process(es); trainable {n_train:,} of {n_total:,} parameters")
     summary = {"start_step": start, "preempted": False}
-    if start == 0 or config.eval_every:
+    if start == 0 and eval_before is not None:
+      summary["eval_before"] = dict(eval_before)
+      writer.write(start, summary["eval_before"], "eval")
+      writer.line(f"{prefix}eval at step {start} (the same start as an earlier stage's, reused): "
+                  + _fmt(summary["eval_before"]))
+    elif (start == 0 and config.eval_at_start) or (start > 0 and config.eval_every):
       summary["eval_before"], _ = full_eval(state)
       writer.write(start, summary["eval_before"], "eval")
       writer.line(f"{prefix}eval at step {start}: " + _fmt(summary["eval_before"]))

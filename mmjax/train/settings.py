@@ -45,6 +45,8 @@ def config_dict() -> dict:
       grad_accum=1,  # micro-batches per step; the loss is normalised over all of them
       steps=100,  # optimizer steps
       eval_every=50,  # 0 = only before and after training
+      eval_at_start=True,  # evaluate before the first step (False: a recipe's from-scratch stage, whose
+      #                      random start says nothing)
       eval_batch_size=32,
       log_every=10,
       checkpoint_every=50,  # also saved at the end and on SIGTERM/SIGINT
