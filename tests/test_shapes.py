@@ -213,7 +213,8 @@ def test_pool_tags_and_tasks():
       np.testing.assert_array_equal(ex["image"], images[i]["image"])  # one image stream per seed
     else:
       assert ex["response"] == ex["caption"] and "temporal_order" not in ex["skills"]
-  assert set(counts) == set(shapes.TASKS) and counts["vqa"] > counts["image_caption"]
+  assert set(counts) == set(shapes.TASKS) - {"video_local_caption"}  # the default mix has no local captions
+  assert counts["vqa"] > counts["image_caption"]
   only = shapes.ShapesSource("pool", 20, cfg=shapes.ShapesConfig(pool_mix=(("vqa", 1.0),)))
   assert {only[i]["kind"] for i in range(20)} == {"vqa"}
 
@@ -292,3 +293,41 @@ def test_question_skills_name_what_the_wording_needs():
   assert q("how many objects are there?", "count") == ("count",)
   assert q("is there a blue triangle?", "existence") == ("existence", "colour", "shape")
   assert q("where is the large square?", "position") == ("position", "shape", "size")
+
+
+def test_local_captions_describe_an_interval_of_the_same_video():
+  """video_local_caption index i asks about frames a..b of video_caption's video i: its facts
+  are exactly the events seen in those frames (steps from 1), its caption parses back to them,
+  and the global and local error rates are scored apart."""
+  from mmjax.evals import generation
+  cfg = shapes.ShapesConfig(image_size=48, max_objects=2, video_frames=5, max_events=4, timed=True)
+  local = shapes.ShapesSource("video_local_caption", 300, seed=3, cfg=cfg)
+  whole = shapes.ShapesSource("video_caption", 300, seed=3, cfg=cfg)
+  lengths = set()
+  for i in range(300):
+    r, g = local[i], whole[i]
+    assert np.array_equal(r["frames"], g["frames"]) and r["video_caption"] == g["caption"]
+    a, b = r["interval"]
+    assert 1 <= a <= b <= 5 and r["facts"]  # never an empty interval
+    inside = [f for f, t in zip(g["facts"], g["times"]) if a <= t + 1 <= b]
+    assert [f[2:] for f in r["facts"]] == [f[2:] for f in inside] and [f[1] for f in r["facts"]] == \
+        list(range(1, len(inside) + 1))
+    assert r["prompt"] == (f"describe the video at frame {a}." if a == b else
+                           f"describe the video from frame {a} to frame {b}.")
+    m = captions.caption_metrics(r["response"], r["facts"], "video", r["times"])
+    assert m["exact_match"] == 1 and m["error"] == 0 and m["timing"] == 1
+    lengths.add(len(inside) < len(g["facts"]))
+  assert lengths == {True, False}  # some intervals are a part of the video, some all of it
+  # scored apart: a perfect global caption and an empty local one
+  out = generation.score([whole[0], local[0]], [whole[0]["response"], ""])
+  assert out["error"] == 0 and out["local_error"] == 1 and out["local_exact_match"] == 0
+  assert out["gen_exact_match"] == 0.5 and "local_micro_error" in out and "local_timing" in out
+  # the two video tasks mix in one pool; video and image tasks do not
+  pool = shapes.ShapesSource("pool", 50, cfg=shapes.ShapesConfig(
+      pool_mix=(("video_caption", 1.0), ("video_local_caption", 1.0))))
+  assert {pool[i]["kind"] for i in range(50)} == {"video_caption", "video_local_caption"}
+  from mmjax.data import catalog
+  c = catalog.default_data_config()
+  c.update(source="shapes", task="pool", pool_mix=(("video_local_caption", 1.0), ("vqa", 1.0)))
+  with pytest.raises(ValueError, match="a batch holds images or videos, not both"):
+    catalog.validate_data_config(c)

@@ -52,6 +52,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       video_frames=5,  # shapes: frames per video
       max_events=4,  # shapes: most events per video (<= video_frames)
       timed=False,  # shapes: video captions state each event's frame (" at frame 2"); scored as `timing`
+      shapes=(),  # shapes: the object shapes drawn (from mmjax.data.shapes_draw.SHAPES); () = square, circle,
+      #            triangle. Concepts absent from one stage's data and present in another's (new concepts)
+      colours=(),  # shapes: the colours drawn (from shapes_draw.PALETTE); () = red, green, blue, yellow,
+      #             purple, white
       qa_skills=("count", "colour", "shape", "size", "position", "existence"),  # shapes vqa: question kinds asked
       qa_weights=(),  # shapes vqa: one weight per qa_skills entry for the question drawn; () = uniform
       qa_reasoning=(),  # shapes vqa: colour / shape / size questions answered in steps ("the red
@@ -59,7 +63,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       qa_plain=False,  # shapes vqa: count and existence questions name no attribute ("how many
       #                  objects are there?", "is there an object at the top?")
       pool_mix=(("image_caption", 1.0), ("vqa", 3.0)),  # shapes task 'pool': (task, weight) pairs; image
-      #                                                  tasks and video_caption do not mix in one batch
+      #                                                  tasks and video tasks do not mix in one batch
       responses_path="",  # JSONL of {"index", "response"}: train on those records of the train
       #                     source with these responses (rebirth SFT on a model's own answers)
       indices_path="",  # a selection file ({"indices": [...]}, mmjax.select.retrieve.write_selection):
@@ -132,11 +136,12 @@ def _check_generated(c) -> None:
   _check_sizes(c)
 
 
-SHAPES_TASKS = ("image_caption", "vqa", "video_caption", "pool")
+SHAPES_TASKS = ("image_caption", "vqa", "video_caption", "video_local_caption", "pool")
 
 
 def _shapes_config(c) -> shapes.ShapesConfig:
-  return shapes.ShapesConfig(image_size=c.image_size, max_objects=c.max_objects, video_frames=c.video_frames,
+  names = {k: tuple(c[k]) for k in ("shapes", "colours") if c.get(k)}
+  return shapes.ShapesConfig(**names, image_size=c.image_size, max_objects=c.max_objects, video_frames=c.video_frames,
                              max_events=c.max_events, min_events=min(2, c.max_events), timed=c.timed,
                              pool_mix=tuple((str(t), float(w)) for t, w in c.pool_mix),
                              qa_skills=tuple(c.qa_skills), qa_weights=tuple(float(w) for w in c.qa_weights),
@@ -161,20 +166,29 @@ def _check_shapes(c) -> None:
                "entry), not all 0")
   if any(k not in shapes.REASONING_SKILLS for k in c.qa_reasoning):
     raise _bad("qa_reasoning", c.qa_reasoning, f"expected skills from {', '.join(shapes.REASONING_SKILLS)}")
+  for key, vocab in (("shapes", shapes.SHAPES), ("colours", shapes.COLOURS)):
+    names = tuple(c[key])
+    if len(set(names)) != len(names) or any(n not in vocab for n in names):
+      raise _bad(key, names, f"expected () or distinct names from {', '.join(vocab)}")
+  n_pairs = len(c.shapes or shapes.ShapesConfig.shapes) * len(c.colours or shapes.ShapesConfig.colours)
+  if (c.task in shapes.VIDEO_TASKS or c.task == "pool") and n_pairs < c.max_events:
+    raise _bad("colours", tuple(c.colours), f"a video needs >= max_events ({c.max_events}) (shape, colour) pairs; "
+               f"data.shapes x data.colours give {n_pairs}")
   if c.task == "pool":
     mix = dict(tuple(p) for p in c.pool_mix)
     used = {t for t, w in mix.items() if w > 0}
-    if not used or not used <= set(SHAPES_TASKS) - {"pool"} or ("video_caption" in used and len(used) > 1):
+    video = used & set(shapes.VIDEO_TASKS)
+    if not used or not used <= set(SHAPES_TASKS) - {"pool"} or (video and video != used):
       raise _bad("pool_mix", c.pool_mix, "expected (task, weight) pairs of image tasks (image_caption, vqa) "
-                 "or of video_caption alone (a batch holds images or videos, not both)")
+                 "or of video tasks (video_caption, video_local_caption): a batch holds images or videos, not both")
   if not 1 <= c.max_events <= c.video_frames:
     raise _bad("max_events", c.max_events, f"expected 1 <= max_events <= data.video_frames ({c.video_frames})")
   _check_sizes(c)
 
 
 def _shapes_media(c) -> tuple:
-  video = c.task == "video_caption" or (c.task == "pool" and dict(tuple(p) for p in c.pool_mix).get(
-      "video_caption", 0) > 0)
+  mix = dict(tuple(p) for p in c.pool_mix)
+  video = c.task in shapes.VIDEO_TASKS or (c.task == "pool" and any(mix.get(t, 0) > 0 for t in shapes.VIDEO_TASKS))
   return ("frames",) if video else ("images",)
 
 

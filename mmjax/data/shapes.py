@@ -42,17 +42,24 @@ source (`__len__`, `__getitem__`) for Grain. kind:
 
   image_caption  prompt "describe the image." / response = caption
   vqa            prompt = one question / response = its answer (one skill drawn per index)
-  video_caption  prompt "describe the video." / response = caption
+  video_caption  prompt "describe the video." / response = caption (the global caption)
+  video_local_caption  prompt "describe the video from frame 2 to frame 4." (or "... at frame
+                 3.") / response = the caption of the events in that interval alone (a local
+                 caption; steps numbered from 1, frames as in the whole video); the interval
+                 holds at least one event. Index i is the same video as video_caption's i.
   pool           one task per index, drawn by `cfg.pool_mix` (each as above), with skill tags
 
-Record keys, every kind: `kind` (the task: image_caption | vqa | video_caption), `index`,
+Record keys, every kind: `kind` (the task: image_caption | vqa | video_caption |
+video_local_caption), `index`,
 `prompt`, `response`, `caption`, `facts` (list of tuples), `qa` (list of (question, answer,
 skill)), `skills` (tuple of tags from SKILLS: a question's asked skill first, then those its
 wording exercises, see `question_skills`; a caption's CAPTION_SKILLS; a video's VIDEO_SKILLS), `classes` int32 [n]. Images add `image` uint8
 [H, W, 3], `boxes` float32 [n, 4], `masks` bool [n, H, W]. Videos add `frames` uint8 [T, H,
 W, 3], `boxes` float32 [T, n, 4] (0 where absent), `masks` bool [T, n, H, W], `visible` bool
 [T, n], `times` (per step, the first frame that shows its event), `timed` (the caption
-states them) and `qa` = []. Boxes are
+states them) and `qa` = []; a local caption's `facts`, `times` and `caption` are its
+interval's, and it adds `interval` (first, last frame, 1-based) and the whole video's
+`video_caption` and `video_facts`. Boxes are
 [x0, y0, x1, y1] pixel edges, tight around the mask: the object covers columns x0..x1-1 and
 rows y0..y1-1. Mask pixels are exactly the object's palette colour.
 
@@ -82,8 +89,9 @@ SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")  # grid cell r * 3 + c
 VERBS = ("appears", "moves", "disappears")
-KINDS = ("image_caption", "vqa", "video_caption", "pool")
-TASKS = ("image_caption", "vqa", "video_caption")
+KINDS = ("image_caption", "vqa", "video_caption", "video_local_caption", "pool")
+TASKS = ("image_caption", "vqa", "video_caption", "video_local_caption")
+VIDEO_TASKS = ("video_caption", "video_local_caption")
 QA_SKILLS = ("count", "colour", "shape", "size", "position", "existence")
 SKILLS = ("colour", "shape", "size", "position", "count", "existence", "temporal_order")
 CAPTION_SKILLS = ("colour", "shape", "size", "position", "count")
@@ -174,6 +182,23 @@ def video_caption(facts, times=None) -> str:
   clauses = [("first " if i == 0 else "then ") + event_clause(f) + ("" if times is None else f" at frame {times[i] + 1}")
              for i, f in enumerate(facts)]
   return ", ".join(clauses) + "." if clauses else ""
+
+
+def local_view(ex: dict, rng: random.Random, cfg: "ShapesConfig") -> dict:
+  """The local-caption fields of a video example: an interval of frames holding at least one
+  event (drawn by `rng` around one of its events), the prompt asking for it, and the caption,
+  facts (steps renumbered from 1) and times of the interval's events alone."""
+  times = ex["times"]
+  t0 = times[rng.randrange(len(times))]
+  a, b = rng.randint(0, t0), rng.randint(t0, cfg.video_frames - 1)
+  keep = [k for k, t in enumerate(times) if a <= t <= b]
+  facts = [("event", j + 1) + tuple(ex["facts"][k][2:]) for j, k in enumerate(keep)]
+  local_times = [times[k] for k in keep]
+  caption = video_caption(facts, local_times if cfg.timed else None)
+  prompt = (f"describe the video at frame {a + 1}." if a == b else
+            f"describe the video from frame {a + 1} to frame {b + 1}.")
+  return dict(prompt=prompt, response=caption, caption=caption, facts=facts, times=local_times,
+              interval=(a + 1, b + 1), video_caption=ex["caption"], video_facts=ex["facts"])
 
 
 def is_eval_caption(caption: str) -> bool:
@@ -431,11 +456,13 @@ class ShapesSource:
     if task == "pool":
       task = random.Random(f"shapes-pool/{self.seed}/{index}").choices(self._tasks, self._weights)[0]
     # Image kinds share one stream: vqa index i asks about image_caption index i's image.
-    stream = "video" if task == "video_caption" else "image"
+    stream = "video" if task in VIDEO_TASKS else "image"
     key = f"shapes-{stream}/{self.split}/{self.seed}/{index}"
-    if task == "video_caption":
+    if task in VIDEO_TASKS:
       ex = make_video(key, self.split, self.cfg)
       ex.update(prompt=VIDEO_PROMPT, response=ex["caption"], qa=[], skills=VIDEO_SKILLS)
+      if task == "video_local_caption":
+        ex.update(local_view(ex, random.Random(f"shapes-local/{key}"), self.cfg))
     else:
       ex = make_image(key, self.split, self.cfg)
       rng = random.Random(f"shapes-qa/{key}")  # the task draw does not move the image stream
@@ -467,7 +494,7 @@ def to_json_record(ex: dict) -> dict:
     if k in _ARRAYS:
       v = np.ascontiguousarray(v)
       out[k] = {"dtype": v.dtype.str, "shape": list(v.shape), "b64": base64.b64encode(v.tobytes()).decode()}
-    elif k in ("facts", "qa", "skills"):
+    elif k in ("facts", "video_facts", "qa", "skills", "interval"):
       out[k] = [list(x) if isinstance(x, tuple) else x for x in v]
     else:
       out[k] = v
@@ -481,11 +508,12 @@ def from_json_record(raw) -> dict:
     if k in obj:
       a = obj[k]
       obj[k] = np.frombuffer(base64.b64decode(a["b64"]), np.dtype(a["dtype"])).reshape(a["shape"]).copy()
-  for k in ("facts", "qa"):
+  for k in ("facts", "video_facts", "qa"):
     if k in obj:
       obj[k] = [tuple(x) for x in obj[k]]
-  if "skills" in obj:
-    obj["skills"] = tuple(obj["skills"])
+  for k in ("skills", "interval"):
+    if k in obj:
+      obj[k] = tuple(obj[k])
   return obj
 
 

@@ -5,7 +5,9 @@ shapes questions of more than one kind also per kind, `gen_exact_<skill>`; shape
 answered in steps also by their final answer alone, `gen_answer_match` and `gen_answer_<skill>`);
 shapes caption records (with atomic `facts`) also score missing, hallucination, their sum
 `error` (with its standard error over captions, `error_se`) and repetition rates through
-`mmjax.evals.captions`, per caption and micro-averaged (`micro_*`).
+`mmjax.evals.captions`, per caption and micro-averaged (`micro_*`); local video captions (of
+a frame interval) score the same rates, with exact match, as `local_*`, global ones as
+above.
 """
 from __future__ import annotations
 
@@ -74,18 +76,27 @@ def score(records, answers) -> dict:
   timed = [steps.step_metrics(a, r["steps"]) for r, a in zip(records, answers) if r.get("steps")]
   if timed:  # real videos with timed steps (YouCook2 style)
     out.update({k: float(np.mean([m[k] for m in timed])) for k in timed[0]})
-  caps = [captions.caption_metrics(a, r["facts"], "video" if r.get("kind") == "video_caption" else "image",
-                                   r["times"] if r.get("timed") else None)
-          for r, a in zip(records, answers) if r.get("kind") in ("image_caption", "video_caption")]
-  if caps:
-    agg = captions.aggregate(caps)
-    errors = np.array([m["error"] for m in caps])
-    out.update(missing=agg["missing"], hallucination=agg["hallucination"], error=agg["error"],
-               error_se=float(errors.std(ddof=1) / np.sqrt(len(errors))) if len(errors) > 1 else 0.0,
-               repetition=agg["repetition"], micro_missing=agg["micro_missing"],
-               micro_hallucination=agg["micro_hallucination"], micro_error=agg["micro_error"])
-    if "timing" in agg:
-      out["timing"] = agg["timing"]
+  for prefix, kinds in (("", ("image_caption", "video_caption")), ("local_", ("video_local_caption",))):
+    caps = [captions.caption_metrics(a, r["facts"], "video" if r["kind"] in shapes.VIDEO_TASKS else "image",
+                                     r["times"] if r.get("timed") else None)
+            for r, a in zip(records, answers) if r.get("kind") in kinds]
+    if caps:
+      out.update({prefix + k: v for k, v in caption_rates(caps).items()})
+      if prefix:  # local captions: exact match of their own
+        out[prefix + "exact_match"] = captions.aggregate(caps)["exact_match"]
+  return out
+
+
+def caption_rates(caps: list[dict]) -> dict:
+  """The table's caption rates of per-caption metrics (`captions.caption_metrics`)."""
+  agg = captions.aggregate(caps)
+  errors = np.array([m["error"] for m in caps])
+  out = dict(missing=agg["missing"], hallucination=agg["hallucination"], error=agg["error"],
+             error_se=float(errors.std(ddof=1) / np.sqrt(len(errors))) if len(errors) > 1 else 0.0,
+             repetition=agg["repetition"], micro_missing=agg["micro_missing"],
+             micro_hallucination=agg["micro_hallucination"], micro_error=agg["micro_error"])
+  if "timing" in agg:
+    out["timing"] = agg["timing"]
   return out
 
 

@@ -2,13 +2,13 @@
 lower is better (`config.dpo.scorer` names one)."""
 from __future__ import annotations
 
-from mmjax.data import pipeline
+from mmjax.data import pipeline, shapes
 from mmjax.evals import captions
 
 
 def shapes_caption_score(record: dict, answer: str) -> float:
   """missing + hallucination + repetition of a shapes caption against its atomic facts."""
-  kind = "video" if record.get("kind") == "video_caption" else "image"
+  kind = "video" if record.get("kind") in shapes.VIDEO_TASKS else "image"
   m = captions.caption_metrics(answer, record["facts"], kind)
   return float(m["missing"] + m["hallucination"] + m["repetition"])
 
