@@ -93,3 +93,27 @@ def test_errordriven_report_checks_each_target_per_seed(tmp_path):
   assert "budget 30" in (tmp_path / "errordriven_report.txt").read_text()
   with pytest.raises(SystemExit, match="--budget=7 is not a budget"):
     report_tool.seed_rows(str(tmp_path), "gen_answer_match", 7)
+
+
+def _fake_directed_seed(root, seed, **errors):
+  d = root / f"seed_{seed}"
+  d.mkdir(parents=True)
+  (d / "results.json").write_text(json.dumps({arm: {"eval_after": {"error": v}} for arm, v in errors.items()}))
+
+
+def test_directed_report_checks_each_target_per_seed(tmp_path):
+  import directed_report as report_tool
+  _fake_directed_seed(tmp_path, 0, pretrain=1.2, full=0.40, small=0.60, directed=0.44, joint=0.50)
+  _fake_directed_seed(tmp_path, 1, pretrain=1.1, full=0.42, small=0.50, directed=0.45, joint=0.41)
+  rows = report_tool.seed_rows(str(tmp_path), "error")
+  assert rows[0]["small_minus_directed"] == pytest.approx(0.16) and rows[1]["headroom"] == pytest.approx(0.68)
+  text = report_tool.report(rows, "error")
+  assert "holds          headroom" in text and "holds          near full" in text
+  assert "does not hold  beats small" in text  # seed 1: 0.05 < 0.10
+  assert "directed - joint = -0.0100 ± 0.0707" in text
+  assert report_tool.main(["--workdir", str(tmp_path)]) == 0
+  assert "2 seeds" in (tmp_path / "directed_report.txt").read_text()
+  with pytest.raises(SystemExit, match="no micro_x for stage 'pretrain'"):
+    report_tool.seed_rows(str(tmp_path), "micro_x")
+  with pytest.raises(SystemExit, match="no seed_K/results.json"):
+    report_tool.seed_rows(str(tmp_path / "empty"), "error")

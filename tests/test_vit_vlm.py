@@ -349,8 +349,8 @@ def test_builtin_vlm_with_a_separate_video_tower():
   spec = importlib.util.spec_from_file_location("cfg", "configs/shapes_directed.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  config = core.stage_config(mod.get_config("scale=0.02"), "video")
-  config.vlm.video_tower = True
+  config = core.stage_config(mod.get_config("scale=0.02"), "full")
+  assert config.vlm.video_tower
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   run = run_lib.build(config, mesh, load_tokenizer(config.data.tokenizer))
   variables = run.abstract_state.variables
@@ -358,7 +358,7 @@ def test_builtin_vlm_with_a_separate_video_tower():
   assert {"vision", "video_tower", "projector", "llm"} <= set(params)
   assert _shapes(params["video_tower"]) == _shapes(params["vision"])
   assert {"vision", "video_tower"} <= set(lora)  # ALL_PROJECTIONS reach both towers
-  # the stage's trainable regexes pick the video path's leaves only (no image-tower adapter)
+  # the video-only arm's trainable regexes pick the video path's leaves only (no image-tower adapter)
   trainable = run.abstract_state.trainable
-  assert "video_tower" not in trainable.get("lora", {}) and "vision" not in trainable.get("lora", {})
+  assert "video_tower" in trainable["lora"] and "vision" not in trainable["lora"]
   assert run.model_cfg.video_tower

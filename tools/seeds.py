@@ -66,7 +66,8 @@ def summarise(per_seed: dict[int, dict]) -> dict:
   checks = [r["_headroom"] for _, r in sorted(per_seed.items()) if "_headroom" in r]
   if checks:  # the recipe's validity check per seed (config.headroom)
     h = checks[0]
-    rows[f"headroom ({h['ceiling']} - {h['floor']}, {h['metric']})"] = {"value": [c["value"] for c in checks]}
+    first, second = (h["floor"], h["ceiling"]) if h.get("lower_is_better") else (h["ceiling"], h["floor"])
+    rows[f"headroom ({first} - {second}, {h['metric']})"] = {"value": [c["value"] for c in checks]}
   out = {}
   for label, row in rows.items():
     out[label] = {}
