@@ -132,7 +132,6 @@ class VLMFamily(base.Family):
       parts["vision"] = tower.import_tower
     return parts
 
-
   def start_from(self, config, run, params):
     """A stage that adds the video tower (`vlm.video_tower`) to an earlier stage's one-tower
     model starts it as a copy of the image tower, as Video-LLaVA's LanguageBind video tower
