@@ -78,7 +78,7 @@ def set_sizes(videos: int, video_share: float, image_share: float) -> dict:
 
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, steps=300, videos=2000, video_share=0.24, image_share=0.025, text=2000,
-                        schedule="image-video:2-text", mode="interleaved", eval=1000, pretrain=800, shared=False,
+                        schedule="image-video:2-text", mode="interleaved", eval=1500, pretrain=800, shared=False,
                         seed=0)
   if args.mode not in ("interleaved", "sequential"):
     raise core.ConfigError(f"config arg mode={args.mode!r} is not valid; choose 'interleaved' or 'sequential'")
