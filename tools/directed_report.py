@@ -26,8 +26,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mmjax.files import atomic_write  # noqa: E402
-from mmjax.recipes.claims import after, mean_sd, seed_results, table, verdicts  # noqa: E402
+from mmjax.recipes.claims import publish, after, mean_sd, seed_results, table, verdicts  # noqa: E402
 
 ARMS = ("pretrain", "full", "small", "directed", "joint")
 COLUMNS = ARMS + ("directed_minus_full", "small_minus_directed", "directed_minus_joint", "headroom")
@@ -64,8 +63,7 @@ def main(argv=None) -> int:
   p.add_argument("--metric", default="error", help="an error rate of the recipe's table (lower is better)")
   args = p.parse_args(argv)
   text = report(seed_rows(args.workdir, args.metric), args.metric)
-  atomic_write(os.path.join(args.workdir, "directed_report.txt"), text + "\n")
-  print(text)
+  publish(args.workdir, "directed_report.txt", text)
   return 0
 
 

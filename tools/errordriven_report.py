@@ -29,8 +29,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mmjax.files import atomic_write  # noqa: E402
-from mmjax.recipes.claims import ReportError, after, seed_results, table, verdicts  # noqa: E402
+from mmjax.recipes.claims import publish, ReportError, after, seed_results, table, verdicts  # noqa: E402
 
 
 def asks_missing(seed_dir: str, stage: str, indices, profile: dict, min_weight: float = 0.1) -> float:
@@ -107,8 +106,7 @@ def main(argv=None) -> int:
   p.add_argument("--budget", type=int, default=None, help="default: the largest budget")
   args = p.parse_args(argv)
   text = report(seed_rows(args.workdir, args.metric, args.budget), args.metric)
-  atomic_write(os.path.join(args.workdir, "errordriven_report.txt"), text + "\n")
-  print(text)
+  publish(args.workdir, "errordriven_report.txt", text)
   return 0
 
 

@@ -80,15 +80,14 @@ def score(records, answers) -> dict:
     caps = [captions.caption_metrics(a, r["facts"], "video" if r["kind"] in shapes.VIDEO_TASKS else "image",
                                      r["times"] if r.get("timed") else None)
             for r, a in zip(records, answers) if r.get("kind") in kinds]
-    if caps:
-      out.update({prefix + k: v for k, v in caption_rates(caps).items()})
-      if prefix:  # local captions: exact match of their own
-        out[prefix + "exact_match"] = captions.aggregate(caps)["exact_match"]
+    if caps:  # local captions also report an exact match of their own
+      out.update({prefix + k: v for k, v in caption_rates(caps, exact=bool(prefix)).items()})
   return out
 
 
-def caption_rates(caps: list[dict]) -> dict:
-  """The table's caption rates of per-caption metrics (`captions.caption_metrics`)."""
+def caption_rates(caps: list[dict], exact: bool = False) -> dict:
+  """The table's caption rates of per-caption metrics (`captions.caption_metrics`), with
+  `exact_match` when asked."""
   agg = captions.aggregate(caps)
   errors = np.array([m["error"] for m in caps])
   out = dict(missing=agg["missing"], hallucination=agg["hallucination"], error=agg["error"],
@@ -97,6 +96,8 @@ def caption_rates(caps: list[dict]) -> dict:
              micro_hallucination=agg["micro_hallucination"], micro_error=agg["micro_error"])
   if "timing" in agg:
     out["timing"] = agg["timing"]
+  if exact:
+    out["exact_match"] = agg["exact_match"]
   return out
 
 

@@ -12,6 +12,8 @@ import math
 import os
 import re
 
+from mmjax.files import atomic_write
+
 
 class ReportError(SystemExit):
   """A run that cannot be reported (one line; exits the tool with it)."""
@@ -58,3 +60,9 @@ def table(title: str, rows: list[dict], columns, width: int = 21) -> list[str]:
 def verdicts(checks) -> list[str]:
   """'holds' / 'does not hold' lines of (text, ok) pairs."""
   return [f"{'holds' if ok else 'does not hold':<14} {text}" for text, ok in checks]
+
+
+def publish(workdir: str, name: str, text: str) -> None:
+  """Writes a report to WORKDIR/NAME (atomically) and prints it."""
+  atomic_write(os.path.join(workdir, name), text + "\n")
+  print(text)
