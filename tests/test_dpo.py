@@ -224,29 +224,6 @@ def test_all_tie_round_stops_before_training(tmp_path):
   assert not os.path.exists(tmp_path / "stages" / "dpo_1" / "pairs.jsonl")
 
 
-@pytest.mark.slow
-def test_mrdpo_recipe_shortened_runs_end_to_end(tmp_path, capsys):
-  from test_configs import load
-  from helpers import ROOT
-  _, c = load(os.path.join(ROOT, "configs", "shapes_mrdpo.py"), "scale=0.02,rounds=2,eval=4,prompts=8,cands=3,distill=8")
-  c.model.update(n_layers=1)
-  c.vision.update(n_layers=1)
-  c.sample_eval.max_new_tokens = 48
-  c.dpo.max_new_tokens = 48
-  schema.validate(c, 1)
-  results = stages.train_and_evaluate(c, str(tmp_path))
-  assert list(results) == ["sft", "dpo_1", "dpo_2", "rebirth"]
-  out = capsys.readouterr().out
-  assert "first_dpo_loss" in out and "hallucination" in out
-  saved = json.load(open(tmp_path / "results.json"))
-  for r in ("dpo_1", "dpo_2"):
-    assert abs(saved[r]["first_dpo_loss"] - math.log(2)) < 1e-4
-    assert (tmp_path / "stages" / r / "pairs.jsonl").exists()
-  assert (tmp_path / "stages" / "rebirth" / "distill.jsonl").exists()
-  assert (tmp_path / "loss_curves.png").exists()
-  assert {"missing", "hallucination", "repetition", "gen_exact_match"} <= set(saved["rebirth"]["eval_after"])
-
-
 def _copy_config(path, **dpo):
   c = _dpo_config(path, **{"lora.targets": "", "trainable": ("params/.*",), "optimizer.lr": 3e-2,
                            "optimizer.warmup_steps": 0})

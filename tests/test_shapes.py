@@ -213,7 +213,7 @@ def test_pool_tags_and_tasks():
       np.testing.assert_array_equal(ex["image"], images[i]["image"])  # one image stream per seed
     else:
       assert ex["response"] == ex["caption"] and "temporal_order" not in ex["skills"]
-  assert set(counts) == set(shapes.TASKS) - {"video_local_caption"}  # the default mix has no local captions
+  assert set(counts) == set(shapes.TASKS) - {"video_local_caption", "video_qa"}  # not in the default mix
   assert counts["vqa"] > counts["image_caption"]
   only = shapes.ShapesSource("pool", 20, cfg=shapes.ShapesConfig(pool_mix=(("vqa", 1.0),)))
   assert {only[i]["kind"] for i in range(20)} == {"vqa"}
@@ -331,3 +331,25 @@ def test_local_captions_describe_an_interval_of_the_same_video():
   c.update(source="shapes", task="pool", pool_mix=(("video_local_caption", 1.0), ("vqa", 1.0)))
   with pytest.raises(ValueError, match="a batch holds images or videos, not both"):
     catalog.validate_data_config(c)
+
+
+def test_noise_background_changes_only_the_background():
+  """background='noise': the same objects, masks, boxes and caption; every pixel outside the
+  masks is replaced by coloured noise in [0, 120], different per image."""
+  plain = shapes.ShapesSource("image_caption", 20, seed=4, cfg=shapes.ShapesConfig(image_size=48))
+  noisy = shapes.ShapesSource("image_caption", 20, seed=4, cfg=shapes.ShapesConfig(image_size=48, background="noise"))
+  backgrounds = []
+  for i in range(20):
+    a, b = plain[i], noisy[i]
+    assert a["caption"] == b["caption"]
+    np.testing.assert_array_equal(a["masks"], b["masks"])
+    np.testing.assert_array_equal(a["boxes"], b["boxes"])
+    inside = a["masks"].any(0)
+    np.testing.assert_array_equal(a["image"][inside], b["image"][inside])
+    assert b["image"][~inside].max() <= 120 and b["image"][~inside].std() > 20
+    backgrounds.append(b["image"][~inside][:50].tobytes())
+  assert len(set(backgrounds)) == 20
+  frames = shapes.ShapesSource("video_caption", 2, cfg=shapes.ShapesConfig(image_size=48, background="noise"))[0]
+  assert frames["frames"][~frames["masks"].any(1)].std() > 20  # videos too
+  with pytest.raises(ValueError, match=r"background='grass' is not valid; one of plain, noise"):
+    shapes.ShapesConfig(background="grass").validate()

@@ -1,11 +1,15 @@
 """ViSFT through the one loop: stage 1 trains only the heads, stage 2 only the tower's LoRA;
 8 fake devices equal 1; probes against closed forms; a CLIP tower from Hugging Face trained
 on COCO-format data and exported back; config errors; the recipe end to end."""
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -15,10 +19,11 @@ from mmjax.config import core, schema
 from mmjax.data import pipeline
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.evals import probes
+from mmjax.evals import visft as visft_eval
 from mmjax.objectives import visft
 from mmjax.train import run as run_lib
 
-from helpers import ROOT, apply_overrides, run_main
+from helpers import ROOT, apply_overrides, run_main, subprocess_env
 
 pytestmark = pytest.mark.xdist_group("visft")  # one worker builds the shared stage runs once
 
@@ -161,6 +166,49 @@ def test_eval_metrics_and_flops(one_device):
   assert 0 <= out["probe_retrieval_r1"] <= out["probe_retrieval_r5"] <= 1
 
 
+PROBE_SETS = {"new": {"data": {"shapes": ("diamond", "cross"), "colours": ("cyan", "pink"), "max_objects": 1},
+                      "labels": ("shape", "colour")},
+              "many": {"data": {"max_objects": 5}, "labels": ("count",)},
+              "noise": {"data": {"background": "noise"}, "labels": ("count", "retrieval")}}
+
+
+def _with_probe_sets(config, sets):
+  out = apply_overrides(config, {})
+  out.visft.probe_sets = ml_collections.ConfigDict(sets)
+  return out
+
+
+def test_out_of_domain_probe_sets_on_their_own_images(one_device):
+  """Each probe set is scored on its own images (new concepts, more objects, another
+  background), and the probe mean is the mean of their accuracies and r1."""
+  run, state = one_device["s1"][0], one_device["s1"][4]
+  config = _with_probe_sets(run.config, PROBE_SETS)
+  schema.validate(config, n_devices=1)
+  probe_run = dataclasses.replace(run, config=config)
+  with jax.set_mesh(one_device["mesh"]):
+    out = visft_eval.probe_metrics(probe_run, state.variables)
+  ood = ("probe_new_shape", "probe_new_colour", "probe_many_count", "probe_noise_count", "probe_noise_r1")
+  for key in ood + ("probe_noise_r5", "probe_count_acc", "probe_retrieval_r1"):
+    assert 0 <= out[key] <= 1, key
+  assert out["probe_ood_mean"] == pytest.approx(np.mean([out[k] for k in ood]))
+  with jax.set_mesh(one_device["mesh"]):  # the training distribution's probes are the same as without sets
+    plain = visft_eval.probe_metrics(run, state.variables)
+  assert all(out[k] == v for k, v in plain.items())
+
+
+@pytest.mark.parametrize("probe, match", [
+    ({"labels": ("size",)}, r"visft.probe_sets.x.labels has 'size'; valid: count, shape, colour, retrieval"),
+    ({"labels": ("shape",)}, r"visft.probe_sets.x: labels shape / colour .* data.max_objects=1 .*not 2"),
+    ({"data": {"colour": ("red",)}, "labels": ("count",)}, r"config.visft.probe_sets.x.data.colour is not a data key"),
+    ({"data": {"background": "grass"}, "labels": ("count",)}, r"visft.probe_sets.x.data: .*background.*plain, noise"),
+    ({"data": {}}, r"must be dict\(data=dict\(data overrides\), labels=\(...\)\)"),
+])
+def test_probe_set_errors(probe, match):
+  with pytest.raises(core.ConfigError, match=match) as e:
+    schema.validate(_with_probe_sets(tiny_visft(), {"x": probe}), n_devices=1)
+  assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------------- probes
 
 
@@ -235,7 +283,8 @@ def test_clip_tower_from_hf_on_coco_and_export(tmp_path):
   root = str(tmp_path / "coco")
   coco_tiny.write_tiny_coco(root, "train", 24, image_size=64)
   coco_tiny.write_tiny_coco(root, "val", 8, image_size=64, seed=1)
-  args = ["--config", "configs/shapes_visft.py:scale=0.01,eval=8,probe=16", "--workdir", str(tmp_path / "run"),
+  args = ["--config", "configs/shapes_visft.py:scale=0.01,eval=8,probe=16,ood=False,controls=False",
+          "--workdir", str(tmp_path / "run"),
           f"--config.init_vision_from_hf={hf_dir}", "--config.data.source=coco", f"--config.data.coco_root={root}",
           "--config.data.train_split=train", "--config.data.eval_split=val", "--config.data.image_size=32",
           "--config.visft.eval_examples=0", "--config.visft.probe_train_examples=0",  # metrics: tested elsewhere
@@ -295,17 +344,30 @@ def test_clip_coco_config_on_8_devices_abstractly(tmp_path):
 
 @pytest.mark.slow
 def test_shapes_visft_recipe_end_to_end(tmp_path):
+  """Both ViSFT stages and the compute-matched controls, with the out-of-domain probe sets;
+  the claims report on the run."""
+  wd = tmp_path / "seed_0"
   args = ["--config", "configs/shapes_visft.py:scale=0.01,eval=8,probe=32", "--config.visft.probe_eval_examples=16",
           "--config.data.num_eval_examples=16", "--config.data.max_objects=2", "--config.seq_len=40",
           "--config.vision.n_layers=1", "--config.visft.n_layers=1", "--config.eval_batch_size=16",
-          "--workdir", str(tmp_path)]
+          "--workdir", str(wd)]
   r = run_main(args)
   assert r.returncode == 0, r.stderr[-3000:]
-  results = json.load(open(tmp_path / "results.json"))
-  assert list(results) == ["pretrain", "heads", "lora"]
+  results = json.load(open(wd / "results.json"))
+  assert list(results) == ["pretrain", "heads", "lora", "lora_caption", "lora_detseg", "lora_weights", "heads_long",
+                           "joint"]
   for stage in results.values():
-    for key in ("det_map50", "det_map", "mask_iou", "cap_missing", "probe_count_acc", "probe_retrieval_r5"):
+    for key in ("det_map50", "det_map", "mask_iou", "cap_missing", "probe_count_acc", "probe_retrieval_r5",
+                "probe_new_objects_shape", "probe_new_objects_colour", "probe_many_count", "probe_noise_r1",
+                "probe_ood_mean"):
       assert key in stage["eval_after"], key
-  assert "probe_count_acc" in r.stdout and os.path.getsize(tmp_path / "loss_curves.png") > 1000
-  assert os.path.exists(tmp_path / "vision" / "model_config.json") and not os.path.exists(tmp_path / "vision_hf")
+  ood = lambda stage: {k: v for k, v in results[stage]["eval_after"].items() if k.startswith("probe_")}
+  assert ood("heads_long") == ood("heads") == ood("pretrain")  # the tower is frozen in stage 1: same probes
+  assert ood("lora") != ood("heads") and ood("joint") != ood("heads")
+  assert "probe_ood_mean" in r.stdout and os.path.getsize(wd / "loss_curves.png") > 1000
+  assert os.path.exists(wd / "vision" / "model_config.json") and not os.path.exists(wd / "vision_hf")
+  report = subprocess.run([sys.executable, "tools/visft_report.py", "--workdir", str(tmp_path)], cwd=ROOT,
+                          env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert report.returncode == 0, report.stderr[-2000:]
+  assert "every probe: lora >= heads" in report.stdout and "best control per seed" in report.stdout
   # (a restarted recipe skipping finished stages is tested in test_stages and test_recipes)

@@ -39,7 +39,7 @@ from mmjax.train import groups, settings
 
 # Whole sub-configs the schema does not describe key by key: a stage's keys are run-config
 # keys (checked per stage), groups and the selection pool are checked by their owners.
-_FREE = ("stages", "groups", "select.pool")
+_FREE = ("stages", "groups", "select.pool", "dpo.prompt_data", "distill_data", "visft.probe_sets")
 
 
 def owners() -> tuple:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import ml_collections
 
-from mmjax.config.core import ConfigError
+from mmjax.config.core import ConfigError, derive
 from mmjax.data import coco, pixels, shapes, sources, tokenizer as tokenizer_lib
 from mmjax.select import retrieve
 
@@ -52,6 +52,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       video_frames=5,  # shapes: frames per video
       max_events=4,  # shapes: most events per video (<= video_frames)
       timed=False,  # shapes: video captions state each event's frame (" at frame 2"); scored as `timing`
+      background="plain",  # shapes: 'plain' (dark) or 'noise' (coloured noise behind the objects)
       shapes=(),  # shapes: the object shapes drawn (from mmjax.data.shapes_draw.SHAPES); () = square, circle,
       #            triangle. Concepts absent from one stage's data and present in another's (new concepts)
       colours=(),  # shapes: the colours drawn (from shapes_draw.PALETTE); () = red, green, blue, yellow,
@@ -136,13 +137,14 @@ def _check_generated(c) -> None:
   _check_sizes(c)
 
 
-SHAPES_TASKS = ("image_caption", "vqa", "video_caption", "video_local_caption", "pool")
+SHAPES_TASKS = shapes.TASKS + ("pool",)
 
 
 def _shapes_config(c) -> shapes.ShapesConfig:
   names = {k: tuple(c[k]) for k in ("shapes", "colours") if c.get(k)}
   return shapes.ShapesConfig(**names, image_size=c.image_size, max_objects=c.max_objects, video_frames=c.video_frames,
                              max_events=c.max_events, min_events=min(2, c.max_events), timed=c.timed,
+                             background=c.background,
                              pool_mix=tuple((str(t), float(w)) for t, w in c.pool_mix),
                              qa_skills=tuple(c.qa_skills), qa_weights=tuple(float(w) for w in c.qa_weights),
                              qa_reasoning=tuple(c.qa_reasoning), qa_plain=bool(c.qa_plain))
@@ -180,7 +182,9 @@ def _check_shapes(c) -> None:
     video = used & set(shapes.VIDEO_TASKS)
     if not used or not used <= set(SHAPES_TASKS) - {"pool"} or (video and video != used):
       raise _bad("pool_mix", c.pool_mix, "expected (task, weight) pairs of image tasks (image_caption, vqa) "
-                 "or of video tasks (video_caption, video_local_caption): a batch holds images or videos, not both")
+                 f"or of video tasks ({', '.join(shapes.VIDEO_TASKS)}): a batch holds images or videos, not both")
+  if c.background not in shapes.BACKGROUNDS:
+    raise _bad("background", c.background, f"expected one of {', '.join(shapes.BACKGROUNDS)}")
   if not 1 <= c.max_events <= c.video_frames:
     raise _bad("max_events", c.max_events, f"expected 1 <= max_events <= data.video_frames ({c.video_frames})")
   _check_sizes(c)
@@ -305,6 +309,21 @@ def validate(config, env) -> None:
     (validate_data_config if env.files else check_values)(config.data)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def overridden(data_cfg, overrides, where: str, files: bool = False) -> ml_collections.ConfigDict:
+  """`data_cfg` with `overrides` (data keys) applied, checked as data in its own right (files
+  too when `files`); a ConfigError names `config.WHERE.KEY` for an unknown key or a bad value."""
+  items = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides or {})
+  bad = [k for k in items if k not in data_cfg]
+  if bad:
+    raise ConfigError(f"config.{where}.{bad[0]} is not a data key; valid: {', '.join(sorted(data_cfg.keys()))}")
+  out = derive(data_cfg, items)
+  try:
+    (validate_data_config if files else check_values)(out)
+  except ValueError as e:
+    raise ConfigError(f"config.{where}: {e}") from None
+  return out
 
 
 def media_fields(data_cfg) -> tuple[str, ...]:

@@ -47,10 +47,16 @@ source (`__len__`, `__getitem__`) for Grain. kind:
                  3.") / response = the caption of the events in that interval alone (a local
                  caption; steps numbered from 1, frames as in the whole video); the interval
                  holds at least one event. Index i is the same video as video_caption's i.
+  video_qa       prompt = one question about the video's events / response = its answer (a
+                 non-captioning video task, `make_video_question`): count "how many objects
+                 appear?" -> "2"; colour "what colour is the circle?" (a shape that appears
+                 once) -> "red"; position "where does the red circle appear?" -> "top left";
+                 existence "does a blue square appear?" -> "yes" | "no". Index i is the same
+                 video as video_caption's i.
   pool           one task per index, drawn by `cfg.pool_mix` (each as above), with skill tags
 
 Record keys, every kind: `kind` (the task: image_caption | vqa | video_caption |
-video_local_caption), `index`,
+video_local_caption | video_qa), `index`,
 `prompt`, `response`, `caption`, `facts` (list of tuples), `qa` (list of (question, answer,
 skill)), `skills` (tuple of tags from SKILLS: a question's asked skill first, then those its
 wording exercises, see `question_skills`; a caption's CAPTION_SKILLS; a video's VIDEO_SKILLS), `classes` int32 [n]. Images add `image` uint8
@@ -89,10 +95,13 @@ SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")  # grid cell r * 3 + c
 VERBS = ("appears", "moves", "disappears")
-KINDS = ("image_caption", "vqa", "video_caption", "video_local_caption", "pool")
-TASKS = ("image_caption", "vqa", "video_caption", "video_local_caption")
-VIDEO_TASKS = ("video_caption", "video_local_caption")
+KINDS = ("image_caption", "vqa", "video_caption", "video_local_caption", "video_qa", "pool")
+TASKS = ("image_caption", "vqa", "video_caption", "video_local_caption", "video_qa")
+VIDEO_TASKS = ("video_caption", "video_local_caption", "video_qa")
+CAPTION_TASKS = ("image_caption", "video_caption", "video_local_caption")
+QA_TASKS = ("vqa", "video_qa")
 QA_SKILLS = ("count", "colour", "shape", "size", "position", "existence")
+VIDEO_QA_SKILLS = ("count", "colour", "position", "existence")
 SKILLS = ("colour", "shape", "size", "position", "count", "existence", "temporal_order")
 CAPTION_SKILLS = ("colour", "shape", "size", "position", "count")
 VIDEO_SKILLS = ("temporal_order", "colour", "shape", "position")
@@ -100,6 +109,7 @@ REASONING_SKILLS = ("colour", "shape", "size")  # questions that can be answered
 IMAGE_PROMPT = "describe the image."
 VIDEO_PROMPT = "describe the video."
 EVAL_BUCKETS = 10  # 1 in 10 captions is held out
+BACKGROUNDS = ("plain", "noise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +131,7 @@ class ShapesConfig:
   qa_plain: bool = False  # count / existence questions name no attribute ("how many objects ...")
   pool_mix: tuple = (("image_caption", 1.0), ("vqa", 3.0), ("video_caption", 1.0))  # weights
   timed: bool = False  # video captions state each event's frame ("... at frame 2")
+  background: str = "plain"  # "plain" (dark) | "noise" (coloured per-pixel noise in [0, 120]: another distribution)
 
   @property
   def num_classes(self) -> int:
@@ -150,6 +161,8 @@ class ShapesConfig:
     if any(k not in REASONING_SKILLS for k in self.qa_reasoning):
       raise bad("qa_reasoning", f"expected skills from {', '.join(REASONING_SKILLS)}")
     mix = dict(self.pool_mix)
+    if self.background not in BACKGROUNDS:
+      raise bad("background", f"one of {', '.join(BACKGROUNDS)}")
     if not mix or any(t not in TASKS or w < 0 for t, w in mix.items()) or sum(mix.values()) <= 0:
       raise bad("pool_mix", f"expected (task, weight >= 0) pairs with tasks from {', '.join(TASKS)}")
     return self
@@ -317,6 +330,31 @@ def make_question(facts, skill: str, rng: random.Random, cfg: ShapesConfig) -> t
   return f"is there an object at the {POSITIONS[cell]}?", "yes" if occupied else "no", skill
 
 
+def make_video_question(facts, rng: random.Random, cfg: ShapesConfig) -> tuple:
+  """(question, answer, skill) about the events `facts` of one video (skill drawn uniformly
+  from VIDEO_QA_SKILLS; a colour question falls back to count when no shape appears once)."""
+  appears = [f for f in facts if f[2] == "appears"]  # every object appears exactly once
+  skill = rng.choice(VIDEO_QA_SKILLS)
+  if skill == "colour":
+    unique = [f for f in appears if sum(g[4] == f[4] for g in appears) == 1]
+    if unique:
+      f = rng.choice(unique)
+      return f"what colour is the {f[4]}?", f[3], skill
+    skill = "count"
+  if skill == "position":
+    f = rng.choice(appears)
+    return f"where does the {f[3]} {f[4]} appear?", f[5], skill
+  if skill == "existence":
+    present = {(f[3], f[4]) for f in appears}
+    absent = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) not in present]
+    if absent and rng.random() < 0.5:
+      (colour, shape), answer = rng.choice(absent), "no"
+    else:
+      (colour, shape), answer = rng.choice(sorted(present)), "yes"
+    return f"does a {colour} {shape} appear?", answer, skill
+  return "how many objects appear?", str(len(appears)), "count"
+
+
 # ----------------------------------------------------------------------------- scenes
 
 
@@ -336,6 +374,15 @@ def _split_rng(key: str, split: str, caption_of, draw):
   raise ValueError(f"shapes: no {split} example found for {key}: the config allows too few captions")
 
 
+def _noise_background(frames: np.ndarray, masks: np.ndarray, key: str) -> None:
+  """Replaces the background pixels of `frames` [T, H, W, 3] (those in no mask of `masks`
+  [T, n, H, W]) with coloured noise in [0, 120], a function of `key` (in place)."""
+  rng = np.random.default_rng(zlib.crc32(f"shapes-background/{key}".encode()))
+  noise = rng.integers(0, 121, size=frames.shape, dtype=np.uint8)
+  empty = ~masks.any(axis=1)
+  frames[empty] = noise[empty]
+
+
 def make_image(key: str, split: str, cfg: ShapesConfig) -> dict:
   """One image example (without a task) for the stream `key`."""
   facts_of = lambda objs: [("object", c, s, z, POSITIONS[cell]) for s, c, z, cell in objs]
@@ -348,6 +395,8 @@ def make_image(key: str, split: str, cfg: ShapesConfig) -> dict:
     corner = place(rng, cell, sides[z], size, cfg.jitter)
     boxes[i] = draw(image, masks[i], (s, c, z, cell, corner), size)
   facts = facts_of(objs)
+  if cfg.background == "noise":
+    _noise_background(image[None], masks[None], key)
   return {"image": image, "boxes": boxes, "masks": masks, "facts": facts,
           "classes": np.array([cfg.shapes.index(o[0]) for o in objs], np.int32),
           "caption": image_caption(facts), "rng": rng}
@@ -416,6 +465,8 @@ def make_video(key: str, split: str, cfg: ShapesConfig) -> dict:
       boxes[t, o] = draw(frames[t], masks[t, o], (s, c, z, cell, corner), size)
       visible[t, o] = True
   facts = _event_facts(scene)
+  if cfg.background == "noise":
+    _noise_background(frames, masks, key)
   return {"frames": frames, "boxes": boxes, "masks": masks, "visible": visible, "times": list(times),
           "classes": np.array([cfg.shapes.index(o[0]) for o in objects], np.int32), "timed": cfg.timed,
           "facts": facts, "caption": video_caption(facts, list(times) if cfg.timed else None), "rng": rng}
@@ -463,6 +514,9 @@ class ShapesSource:
       ex.update(prompt=VIDEO_PROMPT, response=ex["caption"], qa=[], skills=VIDEO_SKILLS)
       if task == "video_local_caption":
         ex.update(local_view(ex, random.Random(f"shapes-local/{key}"), self.cfg))
+      elif task == "video_qa":
+        question, answer, skill = make_video_question(ex["facts"], random.Random(f"shapes-vqa/{key}"), self.cfg)
+        ex.update(prompt=question, response=answer, skills=(skill,) + tuple(s for s in VIDEO_SKILLS if s != skill))
     else:
       ex = make_image(key, self.split, self.cfg)
       rng = random.Random(f"shapes-qa/{key}")  # the task draw does not move the image stream

@@ -2,7 +2,8 @@
 
 Every record scores `exact_match` (the decoded answer equals the reference response;
 shapes questions of more than one kind also per kind, `gen_exact_<skill>`; shapes questions
-answered in steps also by their final answer alone, `gen_answer_match` and `gen_answer_<skill>`);
+answered in steps also by their final answer alone, `gen_answer_match` and `gen_answer_<skill>`;
+questions among records of other tasks also alone, `qa_exact_match` with its standard error `qa_se`);
 shapes caption records (with atomic `facts`) also score missing, hallucination, their sum
 `error` (with its standard error over captions, `error_se`) and repetition rates through
 `mmjax.evals.captions`, per caption and micro-averaged (`micro_*`); local video captions (of
@@ -60,8 +61,12 @@ def score(records, answers) -> dict:
   out = {"gen_exact_match": float(np.mean(exact)) if exact else 0.0}
   by_skill = {}  # shapes questions: exact match per question kind
   for r, e in zip(records, exact):
-    if r.get("kind") == "vqa" and r.get("skills"):  # a question's first skill is the one it asks
+    if r.get("kind") in shapes.QA_TASKS and r.get("skills"):  # a question's first skill is the one it asks
       by_skill.setdefault(r["skills"][0], []).append(e)
+  qa = [e for r, e in zip(records, exact) if r.get("kind") in shapes.QA_TASKS]
+  if qa and len(qa) < len(records):  # questions among other tasks: their accuracy alone
+    out["qa_exact_match"] = float(np.mean(qa))
+    out["qa_se"] = float(np.std(qa, ddof=1) / np.sqrt(len(qa))) if len(qa) > 1 else 0.0
   if len(by_skill) > 1:
     out.update({f"gen_exact_{k}": float(np.mean(v)) for k, v in sorted(by_skill.items())})
   stepped = [(r, a) for r, a in zip(records, answers) if shapes.parse_reasoning(pipeline.reference(r))]

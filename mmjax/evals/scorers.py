@@ -7,7 +7,10 @@ from mmjax.evals import captions
 
 
 def shapes_caption_score(record: dict, answer: str) -> float:
-  """missing + hallucination + repetition of a shapes caption against its atomic facts."""
+  """missing + hallucination + repetition of a shapes caption against its atomic facts (a
+  shapes question: 0 when the answer is right, else 1)."""
+  if record.get("kind") in shapes.QA_TASKS:
+    return exact_match_score(record, answer)
   kind = "video" if record.get("kind") in shapes.VIDEO_TASKS else "image"
   m = captions.caption_metrics(answer, record["facts"], kind)
   return float(m["missing"] + m["hallucination"] + m["repetition"])

@@ -9,6 +9,14 @@ Out-of-domain, on frozen tower features (mean of the patch tokens), never traine
   probe_count_acc          ridge classifier of the number of objects in the image
   probe_retrieval_r1 / r5  image-to-text recall through a ridge map to bag-of-words captions
 
+Truly out of domain, each probe set of `visft.probe_sets` (NAME -> data overrides and labels:
+images the tower never saw, e.g. shapes or colours absent from training, more objects than
+the training maximum, a noise background), on that set's own images:
+  probe_NAME_count / probe_NAME_shape / probe_NAME_colour   ridge classifier accuracy (shape
+                           and colour: of the one object of each image)
+  probe_NAME_r1 / probe_NAME_r5                             image-to-text retrieval
+  probe_ood_mean           the mean of the probe sets' accuracies and r1 (the recipe's probe mean)
+
 Each probe is fitted on `visft.probe_train_examples` train images and scored on
 `visft.probe_eval_examples` held-out images; both lists are fixed, so before/after numbers of
 a stage compare the same images.
@@ -22,6 +30,7 @@ import numpy as np
 
 from mmjax import boxes as det
 from mmjax import sharding
+from mmjax.config.core import ConfigError
 from mmjax.data import catalog, media, pipeline
 from mmjax.evals import captions, features, probes
 from mmjax.evals import detection as det_eval
@@ -115,24 +124,75 @@ def task_metrics(run, variables, tokenizer) -> dict:
   return out
 
 
-def probe_metrics(run, variables) -> dict:
-  """Count classification and image-to-text retrieval probes on frozen tower features."""
+PROBE_LABELS = ("count", "shape", "colour", "retrieval")
+
+
+def check_probe_set(data_cfg, name: str, probe, files: bool = False) -> None:
+  """One `visft.probe_sets` entry; a ConfigError naming it (one line)."""
+  where = f"visft.probe_sets.{name}"
+  if not hasattr(probe, "keys") or set(probe.keys()) - {"data", "labels"} or not probe.get("labels"):
+    shown = probe.to_dict() if hasattr(probe, "to_dict") else probe
+    raise ConfigError(f"config.{where}={shown!r} must be dict(data=dict(data overrides), labels=(...)) with labels "
+                      f"from {', '.join(PROBE_LABELS)}")
+  bad = [x for x in probe["labels"] if x not in PROBE_LABELS]
+  if bad:
+    raise ConfigError(f"config.{where}.labels has {bad[0]!r}; valid: {', '.join(PROBE_LABELS)}")
+  data = catalog.overridden(data_cfg, probe.get("data", {}), f"{where}.data", files)
+  if ({"shape", "colour"} & set(probe["labels"])) and (data.source != "shapes" or data.max_objects != 1):
+    raise ConfigError(f"config.{where}: labels shape / colour name the one object of a shapes image; set its "
+                      f"data.max_objects=1 (and data.source='shapes'), not {data.max_objects}")
+
+
+def _probe(run, variables, data, labels, train_n: int, eval_n: int, prefix: str) -> dict:
+  """The `labels` probes of tower features on `data`'s train / held-out images."""
   config = run.config
-  v, data = config.visft, config.data
-  train = catalog.records(data, "train", v.probe_train_examples)
-  test = catalog.records(data, "eval", v.probe_eval_examples)
+  train = catalog.records(data, "train", train_n)
+  test = catalog.records(data, "eval", eval_n)
   if not train or not test:
     return {}
   load = lambda recs: np.stack([media.load_image(r["image"], data.image_size) for r in recs])
   xtr = features.tower_features(run, variables, load(train), config.eval_batch_size)
   xte = features.tower_features(run, variables, load(test), config.eval_batch_size)
-  count = lambda recs: np.asarray([len(r["classes"]) for r in recs])
-  out = {"probe_count_acc": probes.classification_probe(
-      xtr, count(train), xte, count(test), num_classes=data.max_objects + 1, l2=v.probe_ridge)}
-  if all(r.get("caption") for r in train + test):
-    rec = probes.retrieval_probe(xtr, [r["caption"] for r in train], xte, [r["caption"] for r in test],
-                                 l2=v.probe_ridge)
-    out.update(probe_retrieval_r1=rec["r1"], probe_retrieval_r5=rec["r5"])
+  ridge = config.visft.probe_ridge
+  out = {}
+  for label in labels:
+    if label == "retrieval":
+      if all(r.get("caption") for r in train + test):
+        rec = probes.retrieval_probe(xtr, [r["caption"] for r in train], xte, [r["caption"] for r in test], l2=ridge)
+        out.update({f"{prefix}r1": rec["r1"], f"{prefix}r5": rec["r5"]})
+      continue
+    if label == "count":
+      of = lambda r: len(r["classes"])
+      classes = list(range(data.max_objects + 1))
+    else:  # the one object's shape or colour name
+      of = lambda r, k=1 if label == "colour" else 2: r["facts"][0][k]
+      classes = sorted({of(r) for r in train + test})
+    ids = {c: i for i, c in enumerate(classes)}
+    out[f"{prefix}{label}"] = probes.classification_probe(
+        xtr, [ids[of(r)] for r in train], xte, [ids[of(r)] for r in test], num_classes=len(classes), l2=ridge)
+  return out
+
+
+def probe_metrics(run, variables) -> dict:
+  """Count classification and image-to-text retrieval probes on frozen tower features, on the
+  training distribution and on each out-of-domain probe set."""
+  config = run.config
+  v = config.visft
+  n_train, n_eval = v.probe_train_examples, v.probe_eval_examples
+  out = _probe(run, variables, config.data, ("count", "retrieval"), n_train, n_eval, "probe_")
+  if "probe_count" in out:
+    out["probe_count_acc"] = out.pop("probe_count")
+  for key in ("r1", "r5"):
+    if f"probe_{key}" in out:
+      out[f"probe_retrieval_{key}"] = out.pop(f"probe_{key}")
+  ood = []
+  for name, p in v.probe_sets.items():
+    data = catalog.overridden(config.data, p.get("data", {}), f"visft.probe_sets.{name}.data")
+    got = _probe(run, variables, data, tuple(p["labels"]), n_train, n_eval, f"probe_{name}_")
+    out.update(got)
+    ood += [x for k, x in got.items() if not k.endswith("_r5")]
+  if ood:
+    out["probe_ood_mean"] = float(np.mean(ood))
   return out
 
 

@@ -36,7 +36,7 @@ import ml_collections
 
 from mmjax import losses
 from mmjax.config.core import ConfigError, check_choice
-from mmjax.data import pairs as pairs_lib
+from mmjax.data import catalog, pairs as pairs_lib
 from mmjax.evals import scorers
 from mmjax.objectives import base
 
@@ -70,6 +70,9 @@ def config_dict() -> dict:
       top_k=0,  # online: 0 = no top-k filter
       max_new_tokens=64,  # online: candidate length limit
       scorer="shapes_caption",  # online: how candidates are scored (lower is better); see mmjax/evals/scorers.py
+      min_score_gap=0.0,  # online: a pair needs worst - best score > this (0 = any difference; ties never pair)
+      prompt_data=ml_collections.ConfigDict(),  # online: data overrides of the prompts' train set (e.g. captions
+      #                                           only, while config.data, the evaluation data, also asks questions)
   ))}
 
 
@@ -110,6 +113,9 @@ def validate(config, env) -> None:
     if not d.temperature > 0:
       raise ConfigError(f"config.dpo.temperature={d.temperature!r} must be > 0 to sample distinct candidates")
     check_choice("dpo.scorer", d.scorer, tuple(scorers.SCORERS))
+    if not d.min_score_gap >= 0:
+      raise ConfigError(f"config.dpo.min_score_gap={d.min_score_gap!r} must be >= 0")
+    catalog.overridden(config.data, d.prompt_data, "dpo.prompt_data", env.files)
   elif config.data.source != "jsonl":
     raise ConfigError(f"config.objective='dpo' with config.dpo.online=False reads pairs from JSONL; "
                       f"config.data.source={config.data.source!r} must be 'jsonl'")

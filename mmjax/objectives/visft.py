@@ -74,6 +74,10 @@ def config_dict() -> dict:
       probe_train_examples=512,  # train images the out-of-domain probes are fitted on (0 = off)
       probe_eval_examples=256,  # held-out images the probes are scored on
       probe_ridge=1e-2,  # L2 strength of the closed-form ridge probes
+      # Out-of-domain probe sets: NAME -> dict(data=dict(overrides of config.data), labels=(...)), labels from
+      # count | shape | colour (of a one-object image: data.max_objects=1) | retrieval; each probe is fitted on
+      # the set's train images and scored on its held-out ones (mmjax/evals/visft.py)
+      probe_sets=ml_collections.ConfigDict(),
   ))}
 
 
@@ -104,6 +108,8 @@ def validate(config, env) -> None:
   for key in ("eval_examples", "probe_train_examples", "probe_eval_examples"):
     if not v[key] >= 0:
       raise ConfigError(f"config.visft.{key}={v[key]!r} must be >= 0")
+  for name, p in v.probe_sets.items():
+    visft_eval.check_probe_set(config.data, name, p, env.files)
   if v.d_model % 4:
     raise ConfigError(f"config.visft.d_model={v.d_model} must be divisible by 4 (2-D sin-cos positions)")
   if v.detection and v.num_queries < d.max_objects:

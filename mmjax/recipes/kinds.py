@@ -28,8 +28,8 @@ from mmjax import files
 @dataclasses.dataclass
 class StageContext:
   """What a kind needs to prepare a stage: the stage's name, run config and directory, its
-  `Run`, tokenizer and mesh, its starting params (None: the seeded random init) and the
-  final params of the stages before it."""
+  `Run`, tokenizer and mesh, its starting params (None: the seeded random init), the
+  final params of the stages before it and the adapter it continues (if any)."""
   name: str
   config: Any
   sdir: str
@@ -38,16 +38,20 @@ class StageContext:
   mesh: Any
   base_params: Any = None
   finals: dict = dataclasses.field(default_factory=dict)
+  adapter: Any = None  # the LoRA tree the stage continues (`continue_adapter`), else None (a fresh one)
   _start: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def start_variables(self) -> dict:
     """The stage's starting variables, built exactly as the loop builds them (with the fresh
-    adapter, whose zero `b` leaves the model unchanged)."""
+    adapter, whose zero `b` leaves the model unchanged, or the continued one)."""
     if "variables" not in self._start:
       rng = jax.random.key(self.config.seed)
       with jax.set_mesh(self.mesh):
-        state = (self.run.init_state(rng) if self.base_params is None else
-                 self.run.init_from_params(rng, self.base_params))
+        if self.adapter is not None:
+          state = self.run.init_from_adapter(rng, self.base_params, self.adapter)
+        else:
+          state = (self.run.init_state(rng) if self.base_params is None else
+                   self.run.init_from_params(rng, self.base_params))
       self._start["variables"] = state.variables
     return self._start["variables"]
 

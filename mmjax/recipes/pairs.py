@@ -2,17 +2,23 @@
 
 `OnlinePairs` (a DPO stage with `dpo.online`, or with `dpo.reference='precomputed'`): at the
 start of the stage (a DPO round), the stage's starting policy samples `dpo.num_candidates`
-answers to `dpo.num_prompts` train prompts (a function of the seed and the stage name, so
-each round draws its own); a scorer (`mmjax.evals.scorers`) ranks them, and best (chosen) vs
-worst (rejected) per prompt become a pair (ties and empty answers skipped) with the
-record's ground truth. With the 'precomputed' reference, each pair also gets the reference
-(the starting policy without its adapter) log-probs of both responses. The pairs go to
-STAGE_DIR/pairs.jsonl once; the DPO objective trains on them.
+answers to `dpo.num_prompts` train prompts (of `config.data` with the `dpo.prompt_data`
+overrides; a function of the seed and the stage name, so each round draws its own); a
+scorer (`mmjax.evals.scorers`) ranks them, and best (chosen) vs worst (rejected) per prompt
+become a pair with the record's ground truth when their scores differ by more than
+`dpo.min_score_gap` (ties and empty answers skipped). With the 'precomputed' reference, each
+pair also gets the reference log-probs of both responses: the starting policy's, its adapter
+included (a stage that continues an earlier stage's adapter, `continue_adapter`, so has that
+policy as its reference; a fresh adapter adds zero). The pairs go to STAGE_DIR/pairs.jsonl
+once; the DPO objective trains on them.
 
 `Rebirth` (a stage with `distill_from_stage`): the final params of that earlier stage answer
-`distill_examples` train prompts greedily, written once to STAGE_DIR/distill.jsonl as
+`distill_examples` train prompts (of `config.data` with the `distill_data` overrides)
+greedily; with `distill_scorer`, only answers that scorer rates at most `distill_max_score`
+are kept (filtered rebirth). They are written once to STAGE_DIR/distill.jsonl as
 {"index", "response"} records; the stage trains on those records with these responses
-(`data.responses_path`): SFT of its starting weights on a later model's own outputs.
+(`data.responses_path`; with `distill_data`, as one group, so `config.data` stays the
+evaluation data): SFT of its starting weights on a later model's own outputs.
 """
 from __future__ import annotations
 
@@ -22,19 +28,25 @@ import time
 import zlib
 
 import jax
+import ml_collections
 import numpy as np
 
-from mmjax.config.core import ConfigError, derive
+from mmjax.config.core import ConfigError, check_choice, derive
 from mmjax.data import catalog, pipeline, pixels
 from mmjax.data import pairs as pairs_lib
 from mmjax.evals import generation, scorers
 from mmjax.files import jsonl
 from mmjax.objectives import dpo
 from mmjax.recipes import kinds
+from mmjax.train import groups as groups_lib
 
 
 class AllTiesError(ValueError):
   """Every prompt of an online round gave candidates with equal scores: no pairs to train on."""
+
+
+class EmptyDistillError(ValueError):
+  """A filtered rebirth kept none of the answers: no rows to train on."""
 
 
 def prompt_indices(n_source: int, n: int, seed: int, label: str) -> list[int]:
@@ -49,7 +61,7 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
   AllTiesError when no prompt gives a pair."""
   d = config.dpo
   score = scorers.SCORERS[d.scorer]
-  source = catalog.make_source(config.data, "train")
+  source = catalog.make_source(catalog.overridden(config.data, d.prompt_data, "dpo.prompt_data"), "train")
   idx = prompt_indices(len(source), d.num_prompts, config.seed, label)
   records = [source[i] for i in idx]
   rng = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(label.encode()))
@@ -65,7 +77,7 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
       continue
     best = min(ok, key=lambda k: scores[k])
     worst = max(ok, key=lambda k: scores[k])
-    if scores[best] == scores[worst] or answers[best] == answers[worst]:
+    if scores[worst] - scores[best] <= d.min_score_gap or scores[best] == scores[worst] or answers[best] == answers[worst]:
       continue
     pairs.append({"id": f"{label}/{i}", "index": i, **pairs_lib.prompt_of(r), "chosen": answers[best],
                   "rejected": answers[worst], "ground_truth": pipeline.reference(r),
@@ -73,14 +85,25 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
   if not pairs:
     raise AllTiesError(
         f"stage {label!r}: all {len(records)} prompts gave {d.num_candidates} candidates with equal "
-        f"{d.scorer} scores (or empty answers), so there are no pairs to train on; raise config.dpo.temperature, "
-        f"config.dpo.num_candidates or config.dpo.num_prompts")
+        f"{d.scorer} scores (within dpo.min_score_gap={d.min_score_gap}, or empty answers), so there are no pairs "
+        f"to train on; raise config.dpo.temperature, config.dpo.num_candidates or config.dpo.num_prompts")
   return pairs
+
+
+def pair_summary(pairs: list[dict]) -> str:
+  """'N pairs' with their mean chosen and rejected scores (online pairs)."""
+  scored = [p["scores"] for p in pairs if isinstance(p.get("scores"), dict)]
+  if not scored:
+    return f"{len(pairs)} pairs"
+  mean = lambda k: sum(s[k] for s in scored) / len(scored)
+  return f"{len(pairs)} pairs (mean score chosen {mean('chosen'):.3f}, rejected {mean('rejected'):.3f})"
 
 
 def precompute_reference(run, variables, pairs, tokenizer, batch: int) -> list[dict]:
   """`pairs` with `ref_chosen_logps` / `ref_rejected_logps` of `variables` (computed once)."""
   objective = dataclasses.replace(run.objective, gt_weight=0.0, reference="adapter_base")
+  variables = {k: v for k, v in variables.items() if k in ("params", "lora")}
+  # sequence_logps applies `variables` as given: with an adapter, the policy with it
   source = pairs_lib.PairsSource(pairs, media_source=pairs_lib.media_source(run.config))
   fn = jax.jit(lambda v, b: objective.sequence_logps(v, b))
   out = []
@@ -114,8 +137,8 @@ class OnlinePairs(kinds.StageKind):
     pairs_lib.check_pairs(pairs, ctx.tokenizer, c.seq_len, run.visual_tokens, where=os.path.join(ctx.sdir, self.file),
                           media=pairs_lib.media_source(c))
     if c.dpo.reference == "precomputed" and not all(all(k in p for k in dpo.REF_FIELDS) for p in pairs):
-      pairs = precompute_reference(run, {"params": variables["params"]}, pairs, ctx.tokenizer, c.eval_batch_size)
-    ctx.log(f"{len(pairs)} pairs in {os.path.join(ctx.sdir, self.file)} ({time.perf_counter() - t0:.1f}s)")
+      pairs = precompute_reference(run, variables, pairs, ctx.tokenizer, c.eval_batch_size)
+    ctx.log(f"{pair_summary(pairs)} in {os.path.join(ctx.sdir, self.file)} ({time.perf_counter() - t0:.1f}s)")
     return jsonl(pairs)
 
 
@@ -123,7 +146,15 @@ def rebirth_config_dict() -> dict:
   return dict(
       distill_from_stage="",  # rebirth: SFT on this earlier stage's own greedy answers (generated once)
       distill_examples=256,  # train prompts answered for distill_from_stage
+      distill_data=ml_collections.ConfigDict(),  # data overrides of those prompts' train set ({} = config.data)
+      distill_scorer="",  # keep only answers this scorer (mmjax/evals/scorers.py) rates <= distill_max_score
+      distill_max_score=0.0,  # with distill_scorer: 0 = perfect answers only
   )
+
+
+def distill_data(config):
+  """The rebirth prompts' train set: config.data with the `distill_data` overrides."""
+  return catalog.overridden(config.data, config.distill_data, "distill_data")
 
 
 class Rebirth(kinds.StageKind):
@@ -134,16 +165,30 @@ class Rebirth(kinds.StageKind):
     return bool(config.distill_from_stage)
 
   def configure(self, config, path):
-    return derive(config, {"data.responses_path": path})
+    if not config.distill_data:
+      return derive(config, {"data.responses_path": path})
+    return groups_lib.one_group(config, "distill", derive(distill_data(config), {"responses_path": path}))
 
   def produce(self, ctx) -> str:
     c = ctx.config
-    source = catalog.make_source(c.data, "train")
+    source = catalog.make_source(distill_data(c), "train")
     idx = list(range(min(c.distill_examples, len(source))))
-    answers = generation.generate_answers(ctx.run, {"params": ctx.finals[c.distill_from_stage]},
-                                          [source[i] for i in idx], ctx.tokenizer,
-                                          max_new_tokens=c.sample_eval.max_new_tokens, batch=c.eval_batch_size)
-    return jsonl({"index": i, "response": a} for i, a in zip(idx, answers))
+    records = [source[i] for i in idx]
+    answers = generation.generate_answers(ctx.run, {"params": ctx.finals[c.distill_from_stage]}, records,
+                                          ctx.tokenizer, max_new_tokens=c.sample_eval.max_new_tokens,
+                                          batch=c.eval_batch_size)
+    rows = [{"index": i, "response": a} for i, a in zip(idx, answers)]
+    if c.distill_scorer:
+      score = scorers.SCORERS[c.distill_scorer]
+      rows = [row for row, r in zip(rows, records) if score(r, row["response"]) <= c.distill_max_score]
+      ctx.log(f"{len(rows)} of {len(idx)} answers of {c.distill_from_stage!r} kept by {c.distill_scorer} "
+              f"<= {c.distill_max_score}")
+      if not rows:
+        raise EmptyDistillError(
+            f"stage {ctx.name!r}: no answer of {c.distill_from_stage!r} scores <= distill_max_score="
+            f"{c.distill_max_score} by distill_scorer={c.distill_scorer!r}; raise config.distill_max_score, "
+            f"config.distill_examples, or set distill_scorer=''")
+    return jsonl(rows)
 
 
 def config_dict() -> dict:
@@ -156,6 +201,12 @@ def validate(config, env) -> None:
                       f"earlier stages: {', '.join(env.earlier_stages) or 'none'}")
   if config.distill_from_stage and not config.distill_examples > 0:
     raise ConfigError(f"config.distill_examples={config.distill_examples!r} must be > 0")
+  if config.distill_scorer:
+    check_choice("distill_scorer", config.distill_scorer, tuple(scorers.SCORERS))
+  if config.distill_data:
+    if config.groups:
+      raise ConfigError("config.distill_data trains rebirth through its own group; leave config.groups empty")
+    catalog.overridden(config.data, config.distill_data, "distill_data", env.files)
 
 
 ONLINE_PAIRS = OnlinePairs()

@@ -9,6 +9,20 @@ from mmjax.files import atomic_write
 from mmjax.train import plots
 
 
+# Per-stage numbers beside the metrics, last in the table: a DPO round's first-step loss and the
+# rows its prepared files hold (online pairs, rebirth answers).
+EXTRAS = ("first_dpo_loss", "pairs", "distill_rows")
+FILES = {"pairs": "pairs.jsonl", "distill_rows": "distill.jsonl"}
+
+
+def count_rows(path: str) -> int | None:
+  """Non-empty lines of a JSONL file, or None when there is none."""
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return sum(1 for line in f if line.strip())
+
+
 def first_step(sdir: str) -> dict:
   """The step-1 train metrics of a stage (from its metrics.jsonl), or {}."""
   rows = plots.read_rows(os.path.join(sdir, "metrics.jsonl"))
@@ -35,20 +49,20 @@ def table_rows(results: dict) -> list[tuple[str, dict]]:
       rows.append((f"{name} @start", dict(before)))
       shown.append(before)
     ev = r.get("eval_after") or {}
-    extra = {"first_dpo_loss": r["first_dpo_loss"]} if r.get("first_dpo_loss") is not None else {}
+    extra = {k: r[k] for k in EXTRAS if r.get(k) is not None}
     rows.append((name, {**ev, **extra}))
     shown.append(ev)
   return rows
 
 
 def metric_keys(rows) -> list[str]:
-  """The metric names of table rows in first-seen order, first_dpo_loss last."""
+  """The metric names of table rows in first-seen order, the EXTRAS last."""
   keys = []
   for _, m in rows:
     for k in m:
       if k not in keys:
         keys.append(k)
-  return [k for k in keys if k != "first_dpo_loss"] + (["first_dpo_loss"] if "first_dpo_loss" in keys else [])
+  return [k for k in keys if k not in EXTRAS] + [k for k in EXTRAS if k in keys]
 
 
 def table(results: dict) -> str:
@@ -58,7 +72,7 @@ def table(results: dict) -> str:
   w = max([14] + [len(k) + 2 for k in keys])
   lines = [f"{'stage':<16}" + "".join(f"{k:>{w}}" for k in keys)]
   for label, m in rows:
-    blank = lambda k: "" if k == "first_dpo_loss" and label.endswith(" @start") else "nan"
+    blank = lambda k: "" if k in EXTRAS else "nan"
     lines.append(f"{label:<16}" + "".join(f"{m[k]:>{w}.4f}" if k in m else f"{blank(k):>{w}}" for k in keys))
   return "\n".join(lines)
 
@@ -91,21 +105,28 @@ def headroom_line(h: dict) -> str:
 
 def write(workdir: str, results: dict, stage_dirs: list[tuple[str, str]], recipe: bool, check_cfg=None) -> None:
   """Loss curves for every stage; for a recipe also the table (printed, results.txt) and
-  results.json. A DPO round's first-step loss (log 2 for sigmoid: policy = reference) joins
-  the table, and the headroom check (`config.headroom`) follows it."""
+  results.json. A DPO round's first-step loss (log 2 for sigmoid: policy = reference) and the
+  rows of a stage's pairs / rebirth file join the table, and the headroom check
+  (`config.headroom`) follows it."""
   png = plots.loss_curves(workdir, stage_dirs)
   if recipe:
     for n, sdir in stage_dirs:
+      if not isinstance(results[n], dict):
+        continue
       first = first_step(sdir)
-      if "dpo_loss" in first and isinstance(results[n], dict):
+      if "dpo_loss" in first:
         results[n]["first_dpo_loss"] = first["dpo_loss"]
+      for key, file in FILES.items():
+        rows = count_rows(os.path.join(sdir, file))
+        if rows is not None:
+          results[n][key] = rows
     text = table(results)
     check = headroom(results, check_cfg)
     if check is not None:
       text += "\n" + headroom_line(check)
     print(text, flush=True)
     atomic_write(os.path.join(workdir, "results.txt"), text + "\n")  # the table as printed
-    summary = {n: {k: r.get(k) for k in ("eval_before", "eval_after", "first_dpo_loss")} for n, r in results.items()}
+    summary = {n: {k: r.get(k) for k in ("eval_before", "eval_after") + EXTRAS} for n, r in results.items()}
     if check is not None:
       summary["_headroom"] = check
     atomic_write(os.path.join(workdir, "results.json"), json.dumps(summary, indent=1))

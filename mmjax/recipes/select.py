@@ -49,6 +49,7 @@ from mmjax.data import catalog, media, pipeline, pixels, shapes
 from mmjax.evals import features, generation
 from mmjax.recipes import kinds
 from mmjax.select import gaps, retrieve, teachers
+from mmjax.train import groups as groups_lib
 
 METHODS = ("errors", "random", "all")
 TEACHERS = ("facts", "model")
@@ -250,10 +251,7 @@ def stage_steps(config) -> int:
 
 def with_selection(config, path: str) -> ml_collections.ConfigDict:
   """The stage config that trains on the selection at `path`: one group `pool`."""
-  data = derive(pool_data(config), {"indices_path": path}).to_dict()
-  base = config.data.to_dict()
-  group = dict(trainable=tuple(config.trainable), data={k: v for k, v in data.items() if base.get(k) != v})
-  return derive(config, groups=ml_collections.ConfigDict({"pool": group}), group_schedule="")
+  return groups_lib.one_group(config, "pool", derive(pool_data(config), {"indices_path": path}))
 
 
 class Selection(kinds.StageKind):

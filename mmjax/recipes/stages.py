@@ -3,7 +3,8 @@
 `config.stage_order` names the stages; `config.stages.NAME` holds the keys that stage
 changes (objective, data, steps, trainable, lora, optimizer, ...). A stage starts from
 the previous stage's result — its params with its adapter merged in — or from the stage
-named in its `init_from_stage`; the first stage starts from the model family's Hugging Face
+named in its `init_from_stage` (with `continue_adapter`, that stage's params and adapter
+unmerged, saved as its `final_adapter/`: one adapter trained on across stages); the first stage starts from the model family's Hugging Face
 import (`init_from_hf`, `init_vision_from_hf`) or a seeded random init, and so does a stage
 with `init_from_stage='init'` (e.g. rebirth SFT of the model a recipe started from). Before it trains, a
 stage prepares the data files its kinds ask for (online DPO pairs, rebirth answers, a data
@@ -38,6 +39,7 @@ from mmjax.files import atomic_write
 from mmjax.recipes import kinds, registry, results as results_lib
 from mmjax.train import loop
 from mmjax.train import run as run_lib
+from mmjax.train import state as state_lib
 
 
 INIT = "init"  # init_from_stage: the recipe's starting model
@@ -51,6 +53,8 @@ def config_dict() -> dict:
       stages=ml_collections.ConfigDict(),
       init_from_stage="",  # start from this earlier stage's result instead of the previous one; 'init' = the
       #                      recipe's starting model (the Hugging Face import or the seeded random init)
+      continue_adapter=False,  # start from that stage's params and its adapter, not merged: one adapter trained
+      #                          on across stages (fresh optimizer moments; same lora settings needed)
       # A recipe's validity check, printed under its table: the ceiling stage's `metric` minus the
       # floor stage's (eval after training); below `min` the experiment is marked INVALID (no room
       # for the compared methods to differ). metric '' = no check.
@@ -61,6 +65,7 @@ def config_dict() -> dict:
 
 def validate_recipe(config) -> None:
   """Checks of the whole recipe (before its stages are checked one by one)."""
+  continued(config)
   h = config.headroom
   if h.metric:
     for key in ("floor", "ceiling"):
@@ -73,6 +78,35 @@ def validate(config, env) -> None:
   if config.init_from_stage not in ("", INIT) + tuple(env.earlier_stages):
     raise ConfigError(f"config.init_from_stage={config.init_from_stage!r} names no earlier stage; "
                       f"earlier stages: {', '.join(env.earlier_stages) or 'none'} (or {INIT!r}, the starting model)")
+  if config.continue_adapter and (not config.lora.targets or config.init_from_stage == INIT or not env.earlier_stages):
+    raise ConfigError("config.continue_adapter=True continues an earlier stage's adapter: it needs config.lora.targets "
+                      "and a start from an earlier stage of the recipe (not the first stage, not init_from_stage='init')")
+
+
+def continued(config) -> set:
+  """The stages whose adapter a later stage continues (`continue_adapter`); a ConfigError when
+  such a stage trains no adapter."""
+  out, prev, cfgs = set(), None, {}
+  for name in config.stage_order:
+    try:
+      cfgs[name] = cfg = stage_config(config, name)
+    except (KeyError, AttributeError):  # an unknown stage key: the stage's own check names it
+      prev = name
+      continue
+    start = cfg.init_from_stage or prev
+    if cfg.continue_adapter and start in cfgs and not cfgs[start].lora.targets:
+      raise ConfigError(f"stage {name!r}: config.continue_adapter=True, but stage {start!r} trains no adapter "
+                        "(its lora.targets is empty)")
+    if cfg.continue_adapter:
+      out.add(start)
+    prev = name
+  return out
+
+
+def abstract_adapter(run) -> dict:
+  """{'params', 'lora'} of ShapeDtypeStructs with shardings: a stage's unmerged result."""
+  variables = state_lib.merge_trees(run.abstract_state.trainable, run.abstract_state.frozen)
+  return {"params": run.abstract_params, "lora": variables["lora"]}
 
 
 # What only training reads: the rest of a stage's config (new keys included) shapes its evaluation.
@@ -110,6 +144,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   recipe = bool(config.stage_order)
   names = tuple(config.stage_order) or ("main",)
   results, finals, start_evals = {}, {}, {}  # start_evals: eval_key -> a step-0 evaluation
+  keep_adapter = continued(config) if recipe else set()
+  adapters = {}  # stage -> {'params', 'lora'} unmerged, for the stages a later stage continues
   prev = None
   for name in names:
     cfg = stage_config(config, name) if recipe else config
@@ -124,23 +160,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
     key = eval_key(str(start_from), cfg)
     if os.path.exists(done):  # finished before a restart: load its result, don't retrain
       finals[name] = restore_params(os.path.join(sdir, "final"), run)
+      if name in keep_adapter:
+        adapters[name] = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(sdir, "final_adapter")),
+                                                            abstract_adapter(run))
       with open(done) as f:
         results[name] = json.load(f)
       if results[name].get("eval_before"):
         start_evals.setdefault(key, results[name]["eval_before"])
       prev = name
       continue
-    if start_from in (None, INIT):
+    adapter = None
+    if cfg.continue_adapter:  # the earlier stage's unmerged params, and its adapter trained on
+      base, adapter = adapters[start_from]["params"], adapters[start_from]["lora"]
+    elif start_from in (None, INIT):
       base = run.family.import_hf(cfg, run)
     else:
       with jax.set_mesh(mesh):
         base = run.family.start_from(cfg, run, finals[start_from])
-    ctx = kinds.StageContext(label, cfg, sdir, run, tokenizer, mesh, base, finals)
+    ctx = kinds.StageContext(label, cfg, sdir, run, tokenizer, mesh, base, finals, adapter)
     with jax.set_mesh(mesh):
       prepared = kinds.prepare(stage_kinds, ctx)
     del ctx  # its starting variables are rebuilt by the loop
     summary = loop.train_stage(cfg, sdir, mesh, tokenizer, base, label, run=run, prepared=prepared,
-                               eval_before=start_evals.get(key) if recipe else None)
+                               eval_before=start_evals.get(key) if recipe else None, adapter=adapter)
     results[name] = summary
     if summary.get("eval_before") and summary["start_step"] == 0:
       start_evals.setdefault(key, summary["eval_before"])
@@ -152,6 +194,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       with jax.set_mesh(mesh):
         finals[name] = summary["run"].merged_params(summary["state"])
       save_params(os.path.join(sdir, "final"), finals[name])
+      if name in keep_adapter:
+        variables = summary["state"].variables
+        adapters[name] = {"params": variables["params"], "lora": variables["lora"]}
+        save_params(os.path.join(sdir, "final_adapter"), adapters[name])
       if jax.process_index() == 0:
         atomic_write(done, json.dumps({k: summary.get(k) for k in ("eval_before", "eval_after")}))
     prev = name

@@ -19,7 +19,8 @@ from mmjax.data import shapes
 from mmjax.evals import captions
 
 # Record `kind` (the shapes task) -> ErrorRecord.kind.
-ERROR_KINDS = {"image_caption": "image", "video_caption": "video", "video_local_caption": "video", "vqa": "vqa"}
+ERROR_KINDS = {"image_caption": "image", "video_caption": "video", "video_local_caption": "video", "vqa": "vqa",
+               "video_qa": "vqa"}
 
 
 def normalise_answer(text) -> str:

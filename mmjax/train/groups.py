@@ -119,6 +119,14 @@ def group_config(config, name: str) -> ml_collections.ConfigDict:
                 groups=ml_collections.ConfigDict())
 
 
+def one_group(config, name: str, data_cfg) -> ml_collections.ConfigDict:
+  """The stage config that trains its `trainable` leaves on `data_cfg` while `config.data`
+  stays its evaluation data: one group `name` holding the keys where the two differ."""
+  base = config.data.to_dict()
+  group = dict(trainable=tuple(config.trainable), data={k: v for k, v in data_cfg.to_dict().items() if base.get(k) != v})
+  return derive(config, groups=ml_collections.ConfigDict({name: group}), group_schedule="")
+
+
 def update_mask(trainable_tree, patterns) -> dict:
   """A tree like `trainable_tree` of bools: True on the leaves the regexes match."""
   flat = traverse_util.flatten_dict(trainable_tree, sep="/")

@@ -87,14 +87,15 @@ class _StopFlag:
 
 
 def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: str = "", *, run: Run | None = None,
-                prepared: dict | None = None, eval_before: dict | None = None) -> dict:
+                prepared: dict | None = None, eval_before: dict | None = None, adapter=None) -> dict:
   """Trains one stage for `config.steps` steps, resuming from `workdir/checkpoints` if present.
 
   `base_params` (sharded like `run.abstract_params`) replaces the random init: the
   previous stage's result or an imported Hugging Face model. `run` is `build(config, mesh,
   tokenizer)` when the caller has it already; `prepared` names the data files the stage
   prepared (`mmjax.recipes.kinds`); `eval_before`, the step-0 evaluation when the caller
-  already has it for these very params and eval settings (another arm of a recipe). Returns
+  already has it for these very params and eval settings (another arm of a recipe);
+  `adapter`, a LoRA tree that the stage continues instead of starting a fresh one. Returns
   a summary: eval metrics before/after, last train metrics, whether a signal stopped it, the
   final state and the `Run`. Raises NonFiniteLoss
   (after keeping the last good checkpoint intact).
@@ -129,7 +130,10 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
 
   with jax.set_mesh(mesh):
     rng = jax.random.key(config.seed)
-    state = run.init_state(rng) if base_params is None else run.init_from_params(rng, base_params)
+    if adapter is not None:
+      state = run.init_from_adapter(rng, base_params, adapter)
+    else:
+      state = run.init_state(rng) if base_params is None else run.init_from_params(rng, base_params)
     start = 0
     restored = ckpt.restore(state, train_iter)  # the newest intact checkpoint, if any
     if restored is not None:

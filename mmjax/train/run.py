@@ -56,6 +56,7 @@ class Run:
   abstract_params: Any  # params tree of ShapeDtypeStructs with shardings
   visual_tokens: dict | None  # placeholders per 'image' / 'video' for the data pipeline (VLM)
   group_steps: dict  # directed fine-tuning: group -> (objective, jitted train step of its leaves)
+  init_from_adapter: Any  # jitted (rng, params, lora) -> TrainState: given base params and adapter (continued)
   cache: dict = dataclasses.field(default_factory=dict)  # components' compiled helpers, built on first use
 
   @property
@@ -84,16 +85,23 @@ class Run:
     return jax.jit(init, out_shardings=jax.tree.map(lambda s: s.sharding, self.abstract_params))(rng)
 
 
-def init_variables(rng, model, dummy, lora_cfg, params=None) -> dict:
+def init_variables(rng, model, dummy, lora_cfg, params=None, lora=None) -> dict:
   """Base params (given, or random from `model.init(rng, *dummy)`) and, when
-  `lora_cfg.targets` is set, a fresh adapter."""
+  `lora_cfg.targets` is set, the given adapter `lora` or a fresh one."""
   p_rng, l_rng = jax.random.split(rng)
   if params is None:
     params = nn.meta.unbox(model.init(p_rng, *dummy)["params"])
   variables = {"params": params}
-  if lora_cfg.targets:
-    variables["lora"] = lora_lib.init(l_rng, params, lora_cfg.targets, lora_cfg.rank,
-                                      dtype=jnp.dtype(lora_cfg.dtype) if lora_cfg.get("dtype") else None)
+  dtype = jnp.dtype(lora_cfg.dtype) if lora_cfg.get("dtype") else None
+  if lora_cfg.targets and lora is not None:
+    fresh = jax.eval_shape(lambda: lora_lib.init(l_rng, params, lora_cfg.targets, lora_cfg.rank, dtype=dtype))
+    if jax.tree.structure(fresh) != jax.tree.structure(lora) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(lora))):
+      raise ValueError(f"the continued adapter does not fit config.lora (targets={lora_cfg.targets!r}, "
+                       f"rank={lora_cfg.rank}); continue_adapter needs the same lora settings as the stage it continues")
+    variables["lora"] = jax.tree.map(lambda a, f: a.astype(f.dtype), lora, fresh)
+  elif lora_cfg.targets:
+    variables["lora"] = lora_lib.init(l_rng, params, lora_cfg.targets, lora_cfg.rank, dtype=dtype)
   return variables
 
 
@@ -120,8 +128,8 @@ def build(config, mesh, tokenizer) -> Run:
   tx, schedule = state_lib.make_optimizer(config.optimizer, config.steps)
   patterns = groups_lib.trainable_patterns(config)
 
-  def make_state(rng, params=None):
-    variables = init_variables(rng, model, dummy, config.lora, params)
+  def make_state(rng, params=None, lora=None):
+    variables = init_variables(rng, model, dummy, config.lora, params, lora)
     return state_lib.create_state(variables, patterns, tx, objective.init_aux(variables))
 
   def final_params(state):
@@ -154,6 +162,7 @@ def build(config, mesh, tokenizer) -> Run:
   init_state = jax.jit(in_ctx(make_state), out_shardings=state_sh)
   init_from_params = jax.jit(in_ctx(make_state), in_shardings=(repl, params_sh), out_shardings=state_sh)
   merged_params = jax.jit(in_ctx(final_params), in_shardings=(state_sh,), out_shardings=params_sh)
+  init_from_adapter = jax.jit(in_ctx(make_state), out_shardings=state_sh)
   abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                  abstract_params, params_sh)
 
@@ -175,7 +184,7 @@ def build(config, mesh, tokenizer) -> Run:
   flops, flops_ex = family.flops(model_cfg, config, abstract_params, patterns, visual_tokens)
   return Run(config, mesh, rules, family, model_cfg, model, objective, tx, schedule, init_state, abstract_state,
              state_sh, batch_sh, train_step, eval_step, flops, flops_ex, init_from_params, merged_params,
-             abstract_params, visual_tokens, group_steps)
+             abstract_params, visual_tokens, group_steps, init_from_adapter)
 
 
 def _split_names(names, patterns):

@@ -1,0 +1,270 @@
+"""Multi-round DPO on video captions (configs/shapes_mrdpo.py): the video-QA task that measures
+forgetting, question accuracy apart from captions, caption-only prompts and rebirth data,
+the minimum score gap, filtered rebirth, one adapter continued across stages (the control
+without the LoRA proxy) and the claims report."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import types
+
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from helpers import ROOT, subprocess_env, tiny_config
+from mmjax.config import core, schema
+from mmjax.data import pipeline, shapes
+from mmjax.evals import generation, scorers
+from mmjax.recipes import pairs as recipe_pairs, stages
+from test_configs import load
+
+CONFIG = os.path.join(ROOT, "configs", "shapes_mrdpo.py")
+SMALL = "scale=0.02,rounds=2,eval=24,prompts=8,cands=3,distill=8,filter_max=9"
+
+
+def test_video_questions_are_answered_by_the_videos_events():
+  cfg = shapes.ShapesConfig(video_frames=4, max_events=3, max_objects=2)
+  qa = shapes.ShapesSource("video_qa", 200, seed=2, cfg=cfg)
+  cap = shapes.ShapesSource("video_caption", 200, seed=2, cfg=cfg)
+  asked = set()
+  for i in range(200):
+    q, c = qa[i], cap[i]
+    assert q["facts"] == c["facts"] and np.array_equal(q["frames"], c["frames"])  # index i: the same video
+    appears = [f for f in q["facts"] if f[2] == "appears"]  # ("event", step, verb, colour, shape, position)
+    skill, prompt, answer = q["skills"][0], q["prompt"], q["response"]
+    asked.add(skill)
+    if skill == "count":
+      assert prompt == "how many objects appear?" and answer == str(len(appears))
+    elif skill == "colour":
+      shape = re.fullmatch(r"what colour is the (\w+)\?", prompt).group(1)
+      [fact] = [f for f in appears if f[4] == shape]  # asked only about a shape that appears once
+      assert answer == fact[3]
+    elif skill == "position":
+      colour, shape = re.fullmatch(r"where does the (\w+) (\w+) appear\?", prompt).groups()
+      [fact] = [f for f in appears if f[3:5] == (colour, shape)]
+      assert answer == fact[5]
+    else:
+      colour, shape = re.fullmatch(r"does a (\w+) (\w+) appear\?", prompt).groups()
+      assert answer == ("yes" if any(f[3:5] == (colour, shape) for f in appears) else "no")
+  assert asked == set(shapes.VIDEO_QA_SKILLS)
+
+
+def _pool(n=30, seed=1):
+  cfg = shapes.ShapesConfig(video_frames=4, max_events=3, max_objects=2,
+                            pool_mix=(("video_caption", 1.0), ("video_local_caption", 1.0), ("video_qa", 1.0)))
+  src = shapes.ShapesSource("pool", n, seed=seed, cfg=cfg)
+  return [src[i] for i in range(n)]
+
+
+def test_question_accuracy_is_scored_apart_from_captions():
+  records = _pool()
+  kinds = {r["kind"] for r in records}
+  assert kinds == {"video_caption", "video_local_caption", "video_qa"}
+  answers = [pipeline.reference(r) if r["kind"] == "video_qa" else "" for r in records]  # questions right only
+  m = generation.score(records, answers)
+  n_qa = sum(r["kind"] == "video_qa" for r in records)
+  assert m["qa_exact_match"] == 1.0 and m["qa_se"] == 0.0
+  assert m["gen_exact_match"] == pytest.approx(n_qa / len(records))
+  assert m["error"] == pytest.approx(1.0) and m["local_error"] == pytest.approx(1.0)  # empty captions miss all
+  wrong = [("no" if a == "yes" else "yes") if r["kind"] == "video_qa" else a for r, a in zip(records, answers)]
+  assert generation.score(records, wrong)["qa_exact_match"] < 1.0
+  q = next(r for r in records if r["kind"] == "video_qa")  # the DPO scorer rates a question by its answer
+  assert scorers.shapes_caption_score(q, q["response"]) == 0.0
+  assert scorers.shapes_caption_score(q, q["response"] + "x") == 1.0
+
+
+def _mrdpo(arg=SMALL):
+  _, c = load(CONFIG, arg)
+  c.model.update(n_layers=1)
+  c.vision.update(n_layers=1)
+  return c
+
+
+def _scripted_answers(records, k):
+  """Candidate k of each caption: the truth (k=0), its first clause only (k=1), the truth
+  with its first clause repeated (k=2)."""
+  out = []
+  for r in records:
+    truth = pipeline.reference(r)
+    clauses = truth.rstrip(".").split(", ")
+    out.append([truth, clauses[0] + ".", ", ".join([clauses[0]] + clauses) + "."][k % 3])
+  return out
+
+
+def test_online_pairs_ask_for_captions_only_and_keep_the_minimum_gap(monkeypatch):
+  c = stages.stage_config(_mrdpo(), "dpo_1")
+  calls = iter(range(100))
+  monkeypatch.setattr(generation, "generate_answers",
+                      lambda run, variables, records, tokenizer, **kw: _scripted_answers(records, next(calls)))
+  pairs = recipe_pairs.online_pairs(c, None, None, None, "dpo_1")
+  source_kinds = set()
+  for p in pairs:
+    assert p["scores"]["rejected"] - p["scores"]["chosen"] > c.dpo.min_score_gap
+    assert p["chosen"] == p["ground_truth"]  # the truth scores 0, the best
+  for p in pairs:  # prompts come from the caption tasks only (dpo.prompt_data), never a question
+    source_kinds.add("local" if "frame" in p["prompt"] else "global")
+    assert not p["prompt"].endswith("?")
+  assert source_kinds == {"local", "global"}
+  wide = core.derive(c, {"dpo.min_score_gap": 5.0})  # no candidate pair differs by more than 5
+  calls = iter(range(100))
+  with pytest.raises(recipe_pairs.AllTiesError, match=r"within dpo.min_score_gap=5.0"):
+    recipe_pairs.online_pairs(wide, None, None, None, "dpo_1")
+
+
+def test_bad_prompt_and_distill_data_are_one_line_errors():
+  c = _mrdpo()
+  c.stages.dpo_1.dpo = ml_collections.ConfigDict({"prompt_data": {"pool_mixx": ()}})
+  with pytest.raises(core.ConfigError, match=r"config.dpo.prompt_data.pool_mixx is not a data key"):
+    schema.validate(c, 1)
+  c = _mrdpo()
+  c.stages.rebirth.distill_data = {"pool_mix": (("captions", 1.0),)}
+  with pytest.raises(core.ConfigError, match=r"stage 'rebirth': config.distill_data: .*pool_mix"):
+    schema.validate(c, 1)
+  c = _mrdpo()
+  c.stages.rebirth_filtered.distill_scorer = "bleu"
+  with pytest.raises(core.ConfigError, match=r"distill_scorer.*bleu.*shapes_caption"):
+    schema.validate(c, 1)
+
+
+def test_filtered_rebirth_keeps_the_answers_the_scorer_rates_well(monkeypatch, tmp_path):
+  c = stages.stage_config(_mrdpo(), "rebirth_filtered")
+  assert c.distill_scorer == "shapes_caption"
+  trained = recipe_pairs.REBIRTH.configure(c, str(tmp_path / "distill.jsonl"))
+  assert list(trained.groups) == ["distill"] and trained.data == c.data  # config.data stays the evaluation data
+  assert dict(trained.groups.distill.data)["responses_path"] == str(tmp_path / "distill.jsonl")
+  assert "video_qa" not in dict(trained.groups.distill.data["pool_mix"])
+  monkeypatch.setattr(generation, "generate_answers",
+                      lambda run, variables, records, tokenizer, **kw: [
+                          pipeline.reference(r) if i % 2 else "a red circle." for i, r in enumerate(records)])
+  ctx = types.SimpleNamespace(config=core.derive(c, distill_max_score=0.0), run=None, tokenizer=None, name="rebirth",
+                              finals={"dpo_2": None}, log=lambda m: None)
+  rows = [json.loads(line) for line in recipe_pairs.REBIRTH.produce(ctx).splitlines()]
+  assert [r["index"] for r in rows] == list(range(1, c.distill_examples, 2))  # the right captions alone
+  unfiltered = types.SimpleNamespace(**dict(vars(ctx), config=core.derive(c, distill_scorer="")))
+  assert len(recipe_pairs.REBIRTH.produce(unfiltered).splitlines()) == c.distill_examples
+  monkeypatch.setattr(generation, "generate_answers", lambda run, variables, records, tokenizer, **kw: [""] * len(records))
+  with pytest.raises(recipe_pairs.EmptyDistillError, match=r"no answer of 'dpo_2' scores <= distill_max_score=0.0"):
+    recipe_pairs.REBIRTH.produce(ctx)
+
+
+def _continued_recipe():
+  c = tiny_config(steps=2)
+  c.stage_order = ("a", "b", "c")
+  c.stages = ml_collections.ConfigDict({
+      "a": {"trainable": ("lora/.*",)},
+      "b": {"trainable": ("lora/.*q_proj/.*",), "continue_adapter": True},
+      "c": {"trainable": ("lora/.*",), "continue_adapter": True}})
+  return c
+
+
+def _restore(path):
+  import orbax.checkpoint as ocp
+  return traverse_util.flatten_dict(ocp.StandardCheckpointer().restore(os.path.abspath(path)), sep="/")
+
+
+def test_a_continued_adapter_is_trained_on_not_restarted(tmp_path):
+  c = _continued_recipe()
+  schema.validate(c, 1)
+  stages.train_and_evaluate(c, str(tmp_path))
+  a, b = _restore(tmp_path / "stages" / "a" / "final_adapter"), _restore(tmp_path / "stages" / "b" / "final_adapter")
+  assert any(k.startswith("lora/") and k.endswith("/b") and np.abs(v).max() > 0 for k, v in a.items())
+  assert set(a) == set(b)
+  for k in a:  # b trained only the q_proj adapters: the others are still a's, not fresh ones (b = 0)
+    if "q_proj" in k and k.endswith("/b"):
+      assert not np.array_equal(a[k], b[k]), k
+    elif "q_proj" not in k:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert not (tmp_path / "stages" / "c" / "final_adapter").exists()  # no stage continues c
+  # a restart after c's result was lost: b's unmerged result comes from its final_adapter
+  os.remove(tmp_path / "stages" / "c" / "done.json")
+  again = stages.train_and_evaluate(c, str(tmp_path))
+  assert again["c"]["start_step"] == 2  # resumed at its last checkpoint, with b's adapter restored
+
+
+def test_continue_adapter_needs_an_adapter_to_continue():
+  c = _continued_recipe()
+  c.stages.a.lora = {"targets": ""}
+  c.stages.a.trainable = ("params/.*",)
+  with pytest.raises(core.ConfigError, match=r"stage 'b': config.continue_adapter=True, but stage 'a' trains no "
+                                             r"adapter"):
+    schema.validate(c, 1)
+  c = _continued_recipe()
+  c.stages.a.continue_adapter = True
+  with pytest.raises(core.ConfigError, match=r"stage 'a': config.continue_adapter=True continues an earlier"):
+    schema.validate(c, 1)
+
+
+def _write_seed(root, seed, **errors):
+  """A results.json with every arm of the recipe: `errors` overrides arm -> (error, local, rep, qa)."""
+  base = dict(sft=(1.0, 1.0, 0.10, 0.80), dpo_2=(0.6, 0.7, 0.02, 0.78), cont_sft=(0.9, 0.9, 0.08, 0.80),
+              long=(0.8, 0.8, 0.05, 0.79), fixed_2=(0.7, 0.8, 0.03, 0.79), gt0_2=(0.75, 0.8, 0.03, 0.75),
+              rebirth=(0.7, 0.8, 0.04, 0.81), rebirth_filtered=(0.72, 0.8, 0.04, 0.80), dpo_1=(0.9, 0.9, 0.1, 0.8),
+              fixed_1=(0.9, 0.9, 0.1, 0.8), gt0_1=(0.9, 0.9, 0.1, 0.8))
+  base.update(errors)
+  out = {k: {"eval_after": dict(error=v[0], local_error=v[1], repetition=v[2], qa_exact_match=v[3])}
+         for k, v in base.items()}
+  os.makedirs(root / f"seed_{seed}")
+  (root / f"seed_{seed}" / "results.json").write_text(json.dumps(out))
+
+
+def _report(root):
+  r = subprocess.run([sys.executable, "tools/mrdpo_report.py", "--workdir", str(root)], cwd=ROOT,
+                     env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return r.stdout
+
+
+def test_mrdpo_report_checks_the_papers_targets(tmp_path):
+  _write_seed(tmp_path, 0)
+  _write_seed(tmp_path, 1, dpo_2=(0.8, 0.7, 0.02, 0.78),  # -20% only: the global target fails on seed 1
+              fixed_2=(0.9, 0.8, 0.03, 0.79))
+  out = _report(tmp_path)
+  assert "global error (error; 2 seeds" in out and "video QA accuracy" in out
+  assert re.search(r"does not hold\s+global error: dpo_R <= 0.75 x sft", out)
+  assert re.search(r"holds\s+local error: dpo_R <= 0.85 x sft", out)
+  assert re.search(r"holds\s+repetition: dpo_R <= 0.7 x sft on every seed with sft >= 0.05 \(2 of 2\)", out)
+  assert re.search(r"does not hold\s+rounds: dpo_R <= 0.95 x long", out)  # seed 1: 0.8 vs long 0.8
+  assert re.search(r"holds\s+rebirth: keeps >= 60%", out)
+  assert "fixed_R - dpo_R = 0.1000 ± 0.0000" in out
+  assert (tmp_path / "mrdpo_report.txt").read_text().strip() == out.strip()
+
+
+def test_mrdpo_report_names_what_a_run_lacks(tmp_path):
+  _write_seed(tmp_path, 0)
+  data = json.loads((tmp_path / "seed_0" / "results.json").read_text())
+  del data["cont_sft"]
+  (tmp_path / "seed_0" / "results.json").write_text(json.dumps(data))
+  r = subprocess.run([sys.executable, "tools/mrdpo_report.py", "--workdir", str(tmp_path)], cwd=ROOT,
+                     env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "no error for stage 'cont_sft'" in (r.stderr + r.stdout)
+
+
+@pytest.mark.slow
+def test_mrdpo_recipe_shortened_runs_end_to_end(tmp_path, capsys):
+  """Every stage of the shortened recipe: SFT on the three tasks, two rounds, both rebirths and
+  the controls; pairs per round in the table; each round's first DPO loss log 2, also the
+  continued adapter's (its reference is the previous round's policy); the claims report."""
+  c = _mrdpo()
+  c.sample_eval.max_new_tokens = c.dpo.max_new_tokens = 40
+  schema.validate(c, 1)
+  wd = tmp_path / "seed_0"
+  results = stages.train_and_evaluate(c, str(wd))
+  assert list(results) == ["sft", "dpo_1", "dpo_2", "rebirth", "rebirth_filtered", "cont_sft", "long", "fixed_1",
+                           "fixed_2", "gt0_1", "gt0_2"]
+  out = capsys.readouterr().out
+  header = next(line for line in out.splitlines() if line.startswith("stage "))
+  assert header.split()[-3:] == ["first_dpo_loss", "pairs", "distill_rows"]
+  saved = json.load(open(wd / "results.json"))
+  for r in ("dpo_1", "dpo_2", "long", "fixed_1", "fixed_2", "gt0_1", "gt0_2"):
+    assert abs(saved[r]["first_dpo_loss"] - math.log(2)) < 1e-4, r
+    assert saved[r]["pairs"] == len(open(wd / "stages" / r / "pairs.jsonl").read().splitlines())
+  assert saved["long"]["pairs"] > saved["dpo_1"]["pairs"]  # R x prompts sampled once
+  assert saved["rebirth_filtered"]["distill_rows"] <= saved["rebirth"]["distill_rows"] == c.stages.rebirth.distill_examples
+  assert (wd / "stages" / "fixed_1" / "final_adapter").exists() and not (wd / "stages" / "dpo_1" / "final_adapter").exists()
+  for stage in ("sft", "dpo_2", "rebirth"):
+    assert {"error", "local_error", "repetition", "local_repetition", "qa_exact_match"} <= set(saved[stage]["eval_after"])
+  assert "video QA accuracy" in _report(tmp_path)
