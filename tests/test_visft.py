@@ -363,7 +363,8 @@ def test_shapes_visft_recipe_end_to_end(tmp_path):
       assert key in stage["eval_after"], key
   ood = lambda stage: {k: v for k, v in results[stage]["eval_after"].items() if k.startswith("probe_")}
   assert ood("heads_long") == ood("heads") == ood("pretrain")  # the tower is frozen in stage 1: same probes
-  assert ood("lora") != ood("heads") and ood("joint") != ood("heads")
+  # (that stage 2 moves the tower is tested by test_stage1_trains_heads_only_stage2_only_tower_lora; at 2
+  # steps the probes' accuracies on 16 images may not change)
   assert "probe_ood_mean" in r.stdout and os.path.getsize(wd / "loss_curves.png") > 1000
   assert os.path.exists(wd / "vision" / "model_config.json") and not os.path.exists(wd / "vision_hf")
   report = subprocess.run([sys.executable, "tools/visft_report.py", "--workdir", str(tmp_path)], cwd=ROOT,
