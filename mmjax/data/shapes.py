@@ -289,6 +289,15 @@ def final_answer(text: str) -> str:
   return steps["value"] if steps else " ".join(str(text).lower().split())
 
 
+def _existence_draw(present: set, rng: random.Random, cfg: ShapesConfig) -> tuple:
+  """(colour, shape, 'yes' | 'no') of an existence question: half the time (when one exists)
+  a (colour, shape) pair absent from `present`, else one of `present`."""
+  absent = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) not in present]
+  if absent and rng.random() < 0.5:
+    return (*rng.choice(absent), "no")
+  return (*rng.choice(sorted(present)), "yes")
+
+
 def make_question(facts, skill: str, rng: random.Random, cfg: ShapesConfig) -> tuple:
   """(question, answer, skill) about the objects `facts` of one image. Skills in
   `cfg.qa_reasoning` are answered in steps (`reasoning_answer`); with `cfg.qa_plain` count
@@ -305,12 +314,7 @@ def make_question(facts, skill: str, rng: random.Random, cfg: ShapesConfig) -> t
     shape = rng.choice(cfg.shapes)
     return f"how many {PLURALS[shape]} are there?", str(sum(f[2] == shape for f in facts)), skill
   if skill == "existence":
-    present = {(f[1], f[2]) for f in facts}
-    absent = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) not in present]
-    if absent and rng.random() < 0.5:
-      (colour, shape), answer = rng.choice(absent), "no"
-    else:
-      (colour, shape), answer = rng.choice(sorted(present)), "yes"
+    colour, shape, answer = _existence_draw({(f[1], f[2]) for f in facts}, rng, cfg)
     return f"is there a {colour} {shape}?", answer, skill
   order = list(facts)
   rng.shuffle(order)
@@ -345,12 +349,7 @@ def make_video_question(facts, rng: random.Random, cfg: ShapesConfig) -> tuple:
     f = rng.choice(appears)
     return f"where does the {f[3]} {f[4]} appear?", f[5], skill
   if skill == "existence":
-    present = {(f[3], f[4]) for f in appears}
-    absent = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) not in present]
-    if absent and rng.random() < 0.5:
-      (colour, shape), answer = rng.choice(absent), "no"
-    else:
-      (colour, shape), answer = rng.choice(sorted(present)), "yes"
+    colour, shape, answer = _existence_draw({(f[3], f[4]) for f in appears}, rng, cfg)
     return f"does a {colour} {shape} appear?", answer, skill
   return "how many objects appear?", str(len(appears)), "count"
 
