@@ -18,15 +18,18 @@ selection in mmjax/recipes/select.py):
 
   student     all weights of a random ViT + projector + LLaMA trained 300 steps on a generic mix
               of captions (which name every colour, shape and size) and questions, the target's
-              kinds being only `student_target` (5%) of them: it answers in steps, often wrongly;
+              kinds being only `student_target` (2%) of them: it answers in steps, often wrongly;
   errors_B    from `student`, per budget B (`fractions` of the pool: 0.6, 1.8 and 6%, the
               paper's): the student answers `val` validation questions (held-out, disjoint from
               the test questions and from the pool); the teacher marks each wrong answer's first
               wrong step and the skill it needs (teacher=facts: exact, from the image's objects;
               teacher=model: the first step where the student leaves a longer-trained
               checkpoint's own answer) and the gap profile sums them; B pool records are
-              retrieved, half by the profile over the skill tags, half by similarity of the
-              student's vision features to the failed images; a fresh LoRA adapter trains on them;
+              retrieved by the profile over the skill tags (each skill's share of B drawn from
+              the records tagged with it, in a seeded random order, or with rank=coverage the
+              records that exercise more of the profile first; mix > 0 retrieves that share by
+              similarity of the student's vision features to the failed images instead); a
+              fresh LoRA adapter trains on them;
   random_B    the same with B pool records drawn at random;
   full        the same on the whole pool.
 Each selection trains `epochs` passes over its records (at least `min_steps` steps), so every
@@ -41,8 +44,9 @@ Args: scale (multiplies the student's steps and min_steps; scale=0.02 for a smok
 fractions (dash-separated percents of the pool), budgets (explicit dash-separated counts,
 overriding fractions), pool (pool size), rare (target-kind share of the pool), val
 (validation questions), epochs and min_steps (training per selection), eval (test
-questions), student_target (target-kind share of the student's questions), teacher (facts |
-model), seed (the run seed and the generated train/eval sets; `tools/seeds.py` runs several).
+questions), student_target (target-kind share of the student's questions), mix (share retrieved
+by image features), rank (random | coverage: the order of each skill's tagged pool records,
+`select.rank`), teacher (facts | model), seed (the run seed and the generated train/eval sets; `tools/seeds.py` runs several).
 """
 import ml_collections
 
@@ -70,7 +74,7 @@ def budgets_of(pool: int, fractions: str, budgets: str) -> list[int]:
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, fractions="0.6-1.8-6", budgets="", pool=5000, rare=0.05, val=128,
                         epochs=10.0, min_steps=40, eval=1000, student_steps=300, student_target=0.02, mix=0.0,
-                        teacher="facts", seed=0)
+                        rank="random", teacher="facts", seed=0)
   budgets = budgets_of(args.pool, args.fractions, args.budgets)
   c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
@@ -89,7 +93,7 @@ def get_config(arg=None):
   c.optimizer.update(warmup_steps=10, schedule="cosine", clip_norm=1.0, lr=1e-3)
   c.lora.update(targets=ALL_PROJECTIONS, rank=16, alpha=32.0)
   w = rare_weight(args.rare)
-  c.select.update(budget=budgets[0], val_examples=args.val, teacher=args.teacher, mix=args.mix,
+  c.select.update(budget=budgets[0], val_examples=args.val, teacher=args.teacher, mix=args.mix, rank=args.rank,
                   epochs=args.epochs, min_steps=max(int(args.min_steps * args.scale), 2),
                   pool=dict(task="pool", pool_mix=(("vqa", 1.0),), qa_skills=POOL_SKILLS + TARGET_SKILLS,
                             qa_weights=(1.0, 1.0) + (w,) * len(TARGET_SKILLS), qa_plain=True,

@@ -251,6 +251,30 @@ def test_select_by_skills_no_duplicates_and_seeds():
   assert len(set(ex.tolist())) == 50 and not set(ex.tolist()) & set(a.tolist())
 
 
+def test_select_by_skills_coverage_takes_records_that_need_more_of_the_gap_first():
+  """rank='coverage': a question needing three missing skills before one needing one; ties and
+  everything else as with rank='random' (the same budget per skill, distinct, seeded)."""
+  rng = np.random.default_rng(0)
+  plain = [("existence", "position")] * 60  # the common kind: one missing skill (position)
+  target = [("colour", "position", "shape", "size")] * 10  # the rare kind: all four
+  pool = plain[:30] + target + plain[30:]
+  profile = {"position": 0.4, "colour": 0.3, "shape": 0.2, "size": 0.1}
+  assert retrieve.coverage(target[0], profile) == pytest.approx(1.0)
+  assert retrieve.coverage(("position", "position"), profile) == pytest.approx(0.4)  # distinct tags
+  got = retrieve.select_by_skills(pool, profile, 12, seed=3, rank="coverage")
+  assert len(set(got.tolist())) == 12 and set(range(30, 40)) <= set(got.tolist())  # every target record
+  rand = retrieve.select_by_skills(pool, profile, 12, seed=3)
+  assert len(set(rand.tolist()) & set(range(30, 40))) < 10  # the seeded random order does not
+  assert np.array_equal(got, retrieve.select_by_skills(pool, profile, 12, seed=3, rank="coverage"))
+  assert not np.array_equal(got, retrieve.select_by_skills(pool, profile, 12, seed=4, rank="coverage"))
+  pool = [tuple(rng.choice(shapes.SKILLS, size=rng.integers(1, 4), replace=False)) for _ in range(200)]
+  full = retrieve.select_by_skills(pool, {"colour": 0.5, "count": 0.5}, 200, seed=1, rank="coverage")
+  assert sorted(full.tolist()) == list(range(200))
+  with pytest.raises(ValueError) as e:
+    retrieve.select_by_skills(pool, profile, 5, rank="best")
+  one_line_error(e, "rank='best'", "'coverage'")
+
+
 def test_nearest_neighbours_matches_numpy():
   rng = np.random.default_rng(0)
   query, pool = rng.normal(size=(5, 8)), rng.normal(size=(37, 8))
@@ -352,6 +376,7 @@ def _errordriven(arg="scale=0.02,budgets=24,pool=96"):
     ("stages.errors_24.select.method", "best", r"config.select.method='best' is not valid"),
     ("stages.errors_24.select.teacher", "model", r"teacher_stage='' names no earlier stage"),
     ("stages.random_24.select.budget", 0, r"config.select.budget=0 must be > 0"),
+    ("stages.errors_24.select.rank", "best", r"config.select.rank='best' is not valid; choose one of 'random', "),
     ("select.pool.tsk", "vqa", r"config.select.pool.tsk is not a data key"),
     ("select.pool.pool_mix", (("vqa", 1.0), ("video_caption", 1.0)), r"config.select.pool: data.pool_mix="),
 ])

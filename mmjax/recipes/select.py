@@ -16,7 +16,8 @@ train set; `config.data` stays the stage's eval data (the target task). Before t
           next to the student) and `gaps.gap_profile` sums them; `budget` pool records are retrieved,
           round(mix * budget) by cosine similarity of the student's own vision features
           (mean tower tokens of the image, or of the frames) to the failed records', the
-          rest by the profile over the pool's skill tags (`retrieve.select`);
+          rest by the profile over the pool's skill tags (`retrieve.select`; with
+          `select.rank='coverage'` the records that exercise more of the profile first);
   random  `budget` pool records uniformly at random (the baseline of the same size);
   all     the whole pool.
 
@@ -64,6 +65,8 @@ def config_dict() -> dict:
       teacher="facts",  # 'facts' (exact atomic-fact analyser) or 'model' (stage teacher_stage's weights)
       teacher_stage="",  # teacher='model': the earlier stage whose final weights are the teacher
       mix=0.5,  # share of the budget retrieved by embedding similarity; the rest by skill tags
+      rank="random",  # order of each skill's tagged records: 'random' (seeded) or 'coverage' (records that
+      #                 exercise more of the gap profile first; retrieve.select_by_skills)
       seed=0,  # random and skill-tag draws
       epochs=0.0,  # > 0: the stage trains max(min_steps, ceil(epochs * selected / batch_size)) steps
       #              (each selection to the same number of passes) instead of config.steps
@@ -92,6 +95,8 @@ def _check(config, stage_names, check_files) -> None:
     raise ValueError(f"config.select.budget={s.budget} must be > 0")
   if not 0.0 <= s.mix <= 1.0:
     raise ValueError(f"config.select.mix={s.mix} must be in [0, 1]")
+  if s.rank not in retrieve.RANKS:
+    raise ValueError(f"config.select.rank={s.rank!r} is not valid; choose one of {', '.join(map(repr, retrieve.RANKS))}")
   if s.epochs < 0 or s.min_steps < 0:
     raise ValueError(f"config.select.epochs={s.epochs} and config.select.min_steps={s.min_steps} must be >= 0")
   if s.method == "errors" and s.val_examples <= 0:
@@ -222,7 +227,8 @@ def selection(config, run, params, tokenizer, finals: dict, log=print) -> str:
     if not profile and failed_emb is None:
       raise ValueError(f"select.method='errors': the student made no error the teacher could explain on "
                        f"{len(val)} validation records; nothing to select from (use 'random' or more val_examples)")
-    indices = retrieve.select(skills, pool_emb, failed_emb, profile, s.budget, s.seed, s.mix if profile else 1.0)
+    indices = retrieve.select(skills, pool_emb, failed_emb, profile, s.budget, s.seed, s.mix if profile else 1.0,
+                              rank=s.rank)
     per_skill = collections.Counter(k for i in indices for k in skills[int(i)])
     steps = collections.Counter(e.details.get("step", "answer") for e in errors)
     meta.update(errors=len(errors), val_examples=len(val), profile=profile, teacher=s.teacher,

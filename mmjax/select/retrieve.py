@@ -1,10 +1,10 @@
 """Retrieval of training samples from a large task-agnostic pool, under an exact budget.
 
   allocate(profile, n)                          -> {skill: count}  largest remainder, sum n
-  select_by_skills(pool_skills, profile, budget, seed)           -> int64 [budget]
+  select_by_skills(pool_skills, profile, budget, seed, rank='random') -> int64 [budget]
   nearest_neighbours(query_emb [Q, D], pool_emb [N, D], k)       -> scores, indices [Q, k]
   select_by_embedding(failed_emb [Q, D], pool_emb [N, D], budget) -> int64 [budget]
-  select(pool_skills, pool_emb, failed_emb, profile, budget, seed, mix=0.5) -> int64 [budget]
+  select(pool_skills, pool_emb, failed_emb, profile, budget, seed, mix=0.5, rank='random') -> int64 [budget]
   select_random(n_pool, budget, seed)                            -> int64 [budget]
   write_selection(path, indices, meta) / read_selection(path) -> (indices, meta)
 
@@ -28,6 +28,8 @@ import numpy as np
 
 from mmjax.files import atomic_write
 from mmjax.select.gaps import order_skills
+
+RANKS = ("random", "coverage")
 
 
 def _check_budget(budget, n_pool) -> int:
@@ -63,17 +65,28 @@ def _skill_rng(seed: int, skill: str) -> np.random.Generator:
   return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(str(skill).encode())])
 
 
-def select_by_skills(pool_skills, profile: dict, budget: int, seed: int = 0, *, exclude=()) -> np.ndarray:
+def coverage(tags, profile: dict) -> float:
+  """How much of the gap profile one record exercises: the summed positive weights of its
+  distinct skill tags."""
+  return float(sum(max(float(profile.get(s, 0.0)), 0.0) for s in set(tags)))
+
+
+def select_by_skills(pool_skills, profile: dict, budget: int, seed: int = 0, *, exclude=(),
+                     rank: str = "random") -> np.ndarray:
   """`budget` distinct pool indices drawn per skill in proportion to the profile.
 
   pool_skills: per pool item, its tuple of skill tags (len N). The budget is allocated
-  over the profile's skills (`allocate`); each skill draws its count without replacement,
-  in a seeded random order, from the items tagged with it that are not yet chosen (nor in
-  `exclude`). A skill that runs short leaves the pool of skills; what it could not take is
+  over the profile's skills (`allocate`); each skill draws its count without replacement
+  from the items tagged with it that are not yet chosen (nor in `exclude`), in a seeded
+  random order (`rank='random'`) or, with `rank='coverage'`, the items that exercise more of
+  the profile first (`coverage`: a question that needs three missing skills before one that
+  needs one), ties in the seeded random order. A skill that runs short leaves the pool of skills; what it could not take is
   allocated again over the other skills by profile weight, until the budget is met. If the
   tagged items cannot fill it (or the profile is empty), the rest is drawn uniformly,
   seeded, from the remaining pool. Returns int64 [budget], in the order chosen.
   """
+  if rank not in RANKS:
+    raise ValueError(f"selection rank={rank!r} is not valid; choose one of {', '.join(map(repr, RANKS))}")
   pool_skills = [tuple(t) for t in pool_skills]
   excluded = {int(i) for i in exclude}
   budget = _check_budget(budget, len(pool_skills) - len(excluded))
@@ -84,6 +97,9 @@ def select_by_skills(pool_skills, profile: dict, budget: int, seed: int = 0, *, 
       if s in tagged:
         tagged[s].append(i)
   orders = {s: _skill_rng(seed, s).permutation(np.asarray(tagged[s], np.int64)).tolist() for s in skills}
+  if rank == "coverage":
+    cover = {i: coverage(pool_skills[i], profile) for s in skills for i in tagged[s]}
+    orders = {s: sorted(order, key=lambda i: -cover[i]) for s, order in orders.items()}  # stable: ties stay seeded
   cursor = dict.fromkeys(skills, 0)
   chosen, taken = [], set(excluded)
   active = [s for s in skills if orders[s]]
@@ -196,8 +212,9 @@ def select_by_embedding(failed_emb, pool_emb, budget: int, *, exclude=(), chunk:
 
 
 def select(pool_skills, pool_emb, failed_emb, profile: dict, budget: int, seed: int = 0, mix: float = 0.5,
-           *, chunk: int = 4096) -> np.ndarray:
-  """`budget` distinct pool indices: round(mix * budget) by embedding, the rest by skills.
+           *, chunk: int = 4096, rank: str = "random") -> np.ndarray:
+  """`budget` distinct pool indices: round(mix * budget) by embedding, the rest by skills
+  (`select_by_skills` with `rank`).
 
   The embedding share (round half up) is drawn first with `select_by_embedding` from the
   failed examples' embeddings; the skill share then with `select_by_skills`, excluding
@@ -215,7 +232,7 @@ def select(pool_skills, pool_emb, failed_emb, profile: dict, budget: int, seed: 
   if n_emb and len(pool_emb) != n_pool:
     raise ValueError(f"selection pool has {n_pool} skill tags but {len(pool_emb)} embeddings")
   by_emb = select_by_embedding(failed, pool_emb, n_emb, chunk=chunk) if n_emb else np.zeros(0, np.int64)
-  by_skill = select_by_skills(pool_skills, profile, budget - n_emb, seed, exclude=by_emb.tolist())
+  by_skill = select_by_skills(pool_skills, profile, budget - n_emb, seed, exclude=by_emb.tolist(), rank=rank)
   return np.concatenate([by_emb, by_skill]).astype(np.int64)
 
 
