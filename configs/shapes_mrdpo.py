@@ -68,7 +68,7 @@ CAPTIONS = (("video_caption", 1.0), ("video_local_caption", 1.0))
 
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, rounds=3, eval=1500, prompts=256, cands=6, temperature=1.0, min_gap=0.0,
-                        dpo_steps=60, gt=1.0, sft_steps=600, rebirth_steps=120, distill=512, filter_max=0.0, controls=True,
+                        dpo_steps=60, gt=1.0, sft_steps=1500, rebirth_steps=120, distill=512, filter_max=0.0, controls=True,
                         seed=0)
   c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)

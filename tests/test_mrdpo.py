@@ -230,7 +230,15 @@ def test_mrdpo_report_checks_the_papers_targets(tmp_path):
   assert re.search(r"does not hold\s+rounds: dpo_R <= 0.95 x long", out)  # seed 1: 0.8 vs long 0.8
   assert re.search(r"holds\s+rebirth: keeps >= 60%", out)
   assert "fixed_R - dpo_R = 0.1000 ± 0.0000" in out
+  assert "on the 2 of 2 seed(s) where dpo_R lowers the error: seed 0: 0.75 of 0.4000, seed 1: 1.50 of 0.2000" in out
   assert (tmp_path / "mrdpo_report.txt").read_text().strip() == out.strip()
+
+
+def test_mrdpo_report_rebirth_share_needs_a_reduction(tmp_path):
+  _write_seed(tmp_path, 0, dpo_2=(1.1, 0.7, 0.02, 0.78))  # the rounds raise the error: no share to keep
+  out = _report(tmp_path)
+  assert "not defined, dpo_R does not lower the error on any seed (sft - dpo_R = -0.1000" in out
+  assert re.search(r"does not hold\s+rebirth: keeps >= 60%", out)
 
 
 def test_mrdpo_report_names_what_a_run_lacks(tmp_path):
@@ -244,27 +252,37 @@ def test_mrdpo_report_names_what_a_run_lacks(tmp_path):
 
 
 @pytest.mark.slow
-def test_mrdpo_recipe_shortened_runs_end_to_end(tmp_path, capsys):
-  """Every stage of the shortened recipe: SFT on the three tasks, two rounds, both rebirths and
-  the controls; pairs per round in the table; each round's first DPO loss log 2, also the
-  continued adapter's (its reference is the previous round's policy); the claims report."""
-  c = _mrdpo()
-  c.sample_eval.max_new_tokens = c.dpo.max_new_tokens = 40
-  schema.validate(c, 1)
-  wd = tmp_path / "seed_0"
-  results = stages.train_and_evaluate(c, str(wd))
-  assert list(results) == ["sft", "dpo_1", "dpo_2", "rebirth", "rebirth_filtered", "cont_sft", "long", "fixed_1",
-                           "fixed_2", "gt0_1", "gt0_2"]
-  out = capsys.readouterr().out
-  header = next(line for line in out.splitlines() if line.startswith("stage "))
+def test_mrdpo_recipe_shortened_two_seeds_end_to_end(tmp_path):
+  """Every stage of the shortened recipe, two seeds through tools/seeds.py: SFT on the three
+  tasks, two rounds, both rebirths and the controls; pairs per round in the table; each round's
+  first DPO loss log 2, also the continued adapter's (its reference is the previous round's
+  policy); mean ± sd over the seeds and the claims report."""
+  cmd = [sys.executable, "tools/seeds.py", "--config", f"configs/shapes_mrdpo.py:{SMALL}", "--seeds", "2",
+         "--workdir", str(tmp_path), "--", "--config.model.n_layers=1", "--config.vision.n_layers=1",
+         "--config.sample_eval.max_new_tokens=40", "--config.dpo.max_new_tokens=40"]
+  r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=1200)
+  assert r.returncode == 0, r.stderr[-3000:]
+  header = next(line for line in r.stdout.splitlines() if line.startswith("stage "))
   assert header.split()[-3:] == ["first_dpo_loss", "pairs", "distill_rows"]
-  saved = json.load(open(wd / "results.json"))
-  for r in ("dpo_1", "dpo_2", "long", "fixed_1", "fixed_2", "gt0_1", "gt0_2"):
-    assert abs(saved[r]["first_dpo_loss"] - math.log(2)) < 1e-4, r
-    assert saved[r]["pairs"] == len(open(wd / "stages" / r / "pairs.jsonl").read().splitlines())
-  assert saved["long"]["pairs"] > saved["dpo_1"]["pairs"]  # R x prompts sampled once
-  assert saved["rebirth_filtered"]["distill_rows"] <= saved["rebirth"]["distill_rows"] == c.stages.rebirth.distill_examples
-  assert (wd / "stages" / "fixed_1" / "final_adapter").exists() and not (wd / "stages" / "dpo_1" / "final_adapter").exists()
-  for stage in ("sft", "dpo_2", "rebirth"):
-    assert {"error", "local_error", "repetition", "local_repetition", "qa_exact_match"} <= set(saved[stage]["eval_after"])
-  assert "video QA accuracy" in _report(tmp_path)
+  pairs = {}
+  for seed in (0, 1):
+    wd = tmp_path / f"seed_{seed}"
+    saved = json.load(open(wd / "results.json"))
+    assert list(saved) == ["sft", "dpo_1", "dpo_2", "rebirth", "rebirth_filtered", "cont_sft", "long", "fixed_1",
+                           "fixed_2", "gt0_1", "gt0_2"]
+    for r_ in ("dpo_1", "dpo_2", "long", "fixed_1", "fixed_2", "gt0_1", "gt0_2"):
+      assert abs(saved[r_]["first_dpo_loss"] - math.log(2)) < 1e-4, (seed, r_)
+      assert saved[r_]["pairs"] == len(open(wd / "stages" / r_ / "pairs.jsonl").read().splitlines())
+    assert saved["long"]["pairs"] > saved["dpo_1"]["pairs"]  # R x prompts sampled once
+    assert saved["rebirth_filtered"]["distill_rows"] <= saved["rebirth"]["distill_rows"] == 8
+    assert (wd / "stages" / "fixed_1" / "final_adapter").exists()
+    assert not (wd / "stages" / "dpo_1" / "final_adapter").exists()
+    for stage in ("sft", "dpo_2", "rebirth"):
+      assert {"error", "local_error", "repetition", "local_repetition", "qa_exact_match"} <= set(saved[stage]["eval_after"])
+    pairs[seed] = open(wd / "stages" / "dpo_1" / "pairs.jsonl").read()
+  assert pairs[0] != pairs[1]  # the seeds sample other prompts and candidates
+  summary = json.loads((tmp_path / "seeds.json").read_text())
+  assert summary["seeds"] == [0, 1] and summary["rows"]["dpo_2"]["error"]["n"] == 2
+  assert "±" in (tmp_path / "seeds.txt").read_text()
+  out = _report(tmp_path)
+  assert "video QA accuracy" in out and "2 seeds" in out

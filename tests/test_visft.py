@@ -343,32 +343,37 @@ def test_clip_coco_config_on_8_devices_abstractly(tmp_path):
 
 
 @pytest.mark.slow
-def test_shapes_visft_recipe_end_to_end(tmp_path):
-  """Both ViSFT stages and the compute-matched controls, with the out-of-domain probe sets;
-  the claims report on the run."""
-  wd = tmp_path / "seed_0"
-  args = ["--config", "configs/shapes_visft.py:scale=0.01,eval=8,probe=32", "--config.visft.probe_eval_examples=16",
-          "--config.data.num_eval_examples=16", "--config.data.max_objects=2", "--config.seq_len=40",
-          "--config.vision.n_layers=1", "--config.visft.n_layers=1", "--config.eval_batch_size=16",
-          "--workdir", str(wd)]
-  r = run_main(args)
+def test_shapes_visft_recipe_two_seeds_end_to_end(tmp_path):
+  """Both ViSFT stages and the compute-matched controls, with the out-of-domain probe sets, two
+  seeds through tools/seeds.py: each seed's table, mean ± sd, the claims report."""
+  cmd = [sys.executable, "tools/seeds.py", "--config", "configs/shapes_visft.py:scale=0.01,eval=8,probe=32",
+         "--seeds", "2", "--workdir", str(tmp_path), "--", "--config.visft.probe_eval_examples=16",
+         "--config.data.num_eval_examples=16", "--config.data.max_objects=2", "--config.seq_len=40",
+         "--config.vision.n_layers=1", "--config.visft.n_layers=1", "--config.eval_batch_size=16"]
+  r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stderr[-3000:]
-  results = json.load(open(wd / "results.json"))
-  assert list(results) == ["pretrain", "heads", "lora", "lora_caption", "lora_detseg", "lora_weights", "heads_long",
-                           "joint"]
-  for stage in results.values():
-    for key in ("det_map50", "det_map", "mask_iou", "cap_missing", "probe_count_acc", "probe_retrieval_r5",
-                "probe_new_objects_shape", "probe_new_objects_colour", "probe_many_count", "probe_noise_r1",
-                "probe_ood_mean"):
-      assert key in stage["eval_after"], key
-  ood = lambda stage: {k: v for k, v in results[stage]["eval_after"].items() if k.startswith("probe_")}
-  assert ood("heads_long") == ood("heads") == ood("pretrain")  # the tower is frozen in stage 1: same probes
-  # (that stage 2 moves the tower is tested by test_stage1_trains_heads_only_stage2_only_tower_lora; at 2
-  # steps the probes' accuracies on 16 images may not change)
-  assert "probe_ood_mean" in r.stdout and os.path.getsize(wd / "loss_curves.png") > 1000
-  assert os.path.exists(wd / "vision" / "model_config.json") and not os.path.exists(wd / "vision_hf")
+  for seed in (0, 1):
+    wd = tmp_path / f"seed_{seed}"
+    results = json.load(open(wd / "results.json"))
+    assert list(results) == ["pretrain", "heads", "lora", "lora_caption", "lora_detseg", "lora_weights",
+                             "heads_long", "joint"]
+    for stage in results.values():
+      for key in ("det_map50", "det_map", "mask_iou", "cap_missing", "probe_count_acc", "probe_retrieval_r5",
+                  "probe_new_objects_shape", "probe_new_objects_colour", "probe_many_count", "probe_noise_r1",
+                  "probe_ood_mean"):
+        assert key in stage["eval_after"], key
+    ood = lambda stage: {k: v for k, v in results[stage]["eval_after"].items() if k.startswith("probe_")}
+    assert ood("heads_long") == ood("heads") == ood("pretrain")  # the tower is frozen in stage 1: same probes
+    # (that stage 2 moves the tower is tested by test_stage1_trains_heads_only_stage2_only_tower_lora; at 2
+    # steps the probes' accuracies on 16 images may not change)
+    assert os.path.getsize(wd / "loss_curves.png") > 1000
+    assert os.path.exists(wd / "vision" / "model_config.json") and not os.path.exists(wd / "vision_hf")
+  assert "probe_ood_mean" in r.stdout
+  summary = json.loads((tmp_path / "seeds.json").read_text())
+  assert summary["seeds"] == [0, 1] and summary["rows"]["lora"]["probe_ood_mean"]["n"] == 2
   report = subprocess.run([sys.executable, "tools/visft_report.py", "--workdir", str(tmp_path)], cwd=ROOT,
                           env=subprocess_env(1), capture_output=True, text=True, timeout=120)
   assert report.returncode == 0, report.stderr[-2000:]
   assert "every probe: lora >= heads" in report.stdout and "best control per seed" in report.stdout
+  assert "2 seeds" in report.stdout
   # (a restarted recipe skipping finished stages is tested in test_stages and test_recipes)

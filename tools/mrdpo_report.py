@@ -91,9 +91,21 @@ def checks(rows: dict) -> tuple[list, list]:
                f"global error: fixed_R - dpo_R = {diff('error', 'fixed', 'dpo')} (no LoRA proxy), "
                f"gt0_R - dpo_R = {diff('error', 'gt0', 'dpo')} (no ground-truth term)",
                f"global error: rebirth_filtered - rebirth = {diff('error', 'rebirth_filtered', 'rebirth')}",
-               f"rebirth keeps {mean_sd([kept(i) / gain(i) for i in range(n) if gain(i) > 0]) if any(gain(i) > 0 for i in range(n)) else 'n/a'} "
-               "of dpo_R's global-error reduction"]
+               rebirth_share(rows, gain, kept)]
   return out, measured
+
+
+def rebirth_share(rows: dict, gain, kept) -> str:
+  """The share of dpo_R's global-error reduction rebirth keeps, on the seeds where dpo_R reduces
+  the error at all (elsewhere the share has no meaning)."""
+  seeds = [r["seed"] for r in rows["error"]]
+  where = [i for i in range(len(seeds)) if gain(i) > 0]
+  if not where:
+    return (f"rebirth's share of dpo_R's global-error reduction: not defined, dpo_R does not lower the error on "
+            f"any seed (sft - dpo_R = {mean_sd([gain(i) for i in range(len(seeds))])})")
+  shares = ", ".join(f"seed {seeds[i]}: {kept(i) / gain(i):.2f} of {gain(i):.4f}" for i in where)
+  return f"rebirth keeps, of dpo_R's global-error reduction, on the {len(where)} of {len(seeds)} seed(s) where " \
+         f"dpo_R lowers the error: {shares}"
 
 
 def report(rows: dict) -> str:
