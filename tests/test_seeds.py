@@ -117,3 +117,13 @@ def test_directed_report_checks_each_target_per_seed(tmp_path):
     report_tool.seed_rows(str(tmp_path), "micro_x")
   with pytest.raises(SystemExit, match="no seed_K/results.json"):
     report_tool.seed_rows(str(tmp_path / "empty"), "error")
+
+
+def test_claims_table_cells_never_run_together():
+  from mmjax.recipes.claims import table
+  rows = [dict(seed=0, heads=0.5719, lora=0.61), dict(seed=1, heads=0.5984, lora=0.66)]
+  lines = table("probe mean", rows, ("heads", "lora"), width=8)  # "0.5852 ± 0.0187" is wider than 8
+  assert lines[0] == "probe mean" and lines[1].split() == ["seed", "heads", "lora"]
+  assert lines[2].split() == ["0", "0.5719", "0.6100"]
+  assert lines[-1].split() == ["mean", "0.5852", "±", "0.0187", "0.6350", "±", "0.0354"]
+  assert len({len(line) for line in lines[1:]}) == 1  # aligned

@@ -49,11 +49,14 @@ def mean_sd(values) -> str:
 
 
 def table(title: str, rows: list[dict], columns, width: int = 21) -> list[str]:
-  """Lines: the title, a header, one line per seed and the mean ± sd line."""
-  lines = [title, "seed  " + "".join(f"{c:>{width}}" for c in columns)]
-  for r in rows:
-    lines.append(f"{r['seed']:<6}" + "".join(f"{r[c]:>{width}.4f}" for c in columns))
-  lines.append("mean  " + "".join(f"{mean_sd([r[c] for r in rows]):>{width}}" for c in columns))
+  """Lines: the title, a header, one line per seed and the mean ± sd line; each column at least
+  `width` wide and one space wider than its widest cell, so cells never run together."""
+  cells = {c: [c] + [f"{r[c]:.4f}" for r in rows] + [mean_sd([r[c] for r in rows])] for c in columns}
+  w = {c: max(width, 1 + max(len(x) for x in cells[c])) for c in columns}
+  lines = [title, "seed  " + "".join(f"{cells[c][0]:>{w[c]}}" for c in columns)]
+  for i, r in enumerate(rows):
+    lines.append(f"{r['seed']:<6}" + "".join(f"{cells[c][1 + i]:>{w[c]}}" for c in columns))
+  lines.append("mean  " + "".join(f"{cells[c][-1]:>{w[c]}}" for c in columns))
   return lines
 
 
