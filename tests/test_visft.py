@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from mmjax import sharding
 from mmjax.config import core, schema
-from mmjax.data import pipeline
+from mmjax.data import catalog, pipeline
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.evals import probes
 from mmjax.evals import visft as visft_eval
@@ -194,6 +194,26 @@ def test_out_of_domain_probe_sets_on_their_own_images(one_device):
   with jax.set_mesh(one_device["mesh"]):  # the training distribution's probes are the same as without sets
     plain = visft_eval.probe_metrics(run, state.variables)
   assert all(out[k] == v for k, v in plain.items())
+
+
+def test_probes_use_as_many_held_out_images_as_asked(one_device, monkeypatch):
+  """visft.probe_eval_examples images, even where the task eval set (data.num_eval_examples)
+  is smaller: the probes' generated eval split is made large enough (its first images are
+  the task eval images)."""
+  run, state = one_device["s1"][0], one_device["s1"][4]
+  config = _with_probe_sets(run.config, {"many": PROBE_SETS["many"]})
+  config.data.num_eval_examples = 8
+  config.visft.probe_eval_examples = 24
+  seen = []
+  real = visft_eval.features.tower_features
+  monkeypatch.setattr(visft_eval.features, "tower_features",
+                      lambda r, v, images, batch: seen.append(len(images)) or real(r, v, images, batch))
+  with jax.set_mesh(one_device["mesh"]):
+    visft_eval.probe_metrics(dataclasses.replace(run, config=config), state.variables)
+  assert seen == [config.visft.probe_train_examples, 24] * 2  # in-domain, then the probe set
+  small = catalog.records(config.data, "eval", 8)
+  big = catalog.records(core.derive(config.data, {"num_eval_examples": 24}), "eval", 24)
+  assert [r["caption"] for r in big[:8]] == [r["caption"] for r in small]
 
 
 @pytest.mark.parametrize("probe, match", [

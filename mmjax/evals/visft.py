@@ -30,7 +30,7 @@ import numpy as np
 
 from mmjax import boxes as det
 from mmjax import sharding
-from mmjax.config.core import ConfigError
+from mmjax.config.core import ConfigError, derive
 from mmjax.data import catalog, media, pipeline
 from mmjax.evals import captions, features, probes
 from mmjax.evals import detection as det_eval
@@ -144,8 +144,11 @@ def check_probe_set(data_cfg, name: str, probe, files: bool = False) -> None:
 
 
 def _probe(run, variables, data, labels, train_n: int, eval_n: int, prefix: str) -> dict:
-  """The `labels` probes of tower features on `data`'s train / held-out images."""
+  """The `labels` probes of tower features on `data`'s train / held-out images: `train_n` and
+  `eval_n` of them (generated sets are made that large; a dataset on disk gives what it has)."""
   config = run.config
+  data = derive(data, {"num_train_examples": max(train_n, data.num_train_examples),
+                       "num_eval_examples": max(eval_n, data.num_eval_examples)})
   train = catalog.records(data, "train", train_n)
   test = catalog.records(data, "eval", eval_n)
   if not train or not test:
