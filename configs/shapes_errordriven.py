@@ -44,9 +44,10 @@ Args: scale (multiplies the student's steps and min_steps; scale=0.02 for a smok
 fractions (dash-separated percents of the pool), budgets (explicit dash-separated counts,
 overriding fractions), pool (pool size), rare (target-kind share of the pool), val
 (validation questions), epochs and min_steps (training per selection), eval (test
-questions), student_target (target-kind share of the student's questions), mix (share retrieved
-by image features), rank (random | coverage: the order of each skill's tagged pool records,
-`select.rank`), teacher (facts | model), seed (the run seed and the generated train/eval sets; `tools/seeds.py` runs several).
+questions), student_target (target-kind share of the student's questions), mix (share
+retrieved by image features), rank (random | coverage: the order of each skill's tagged pool
+records, `select.rank`), teacher (facts | model), seed (the run seed and the generated
+train/eval sets; `tools/seeds.py` runs several).
 """
 import ml_collections
 

@@ -42,8 +42,9 @@ Args: scale (float, multiplies all step counts; e.g. scale=0.02 for a smoke test
 pretrain_steps, heads_steps, lora_steps, weights (lora_weights' task weights, dashes between
 them), eval (held-out images for the task metrics), probe (train images the probes are fitted
 on), probe_eval (held-out images each probe is scored on: 1024 puts a difference of 0.03 in a
-three-seed mean outside two standard errors), ood (the out-of-domain probe sets; False for data other than shapes), controls (add the
-controls), seed (the run seed and the generated train/eval sets).
+three-seed mean outside two standard errors), ood (the out-of-domain probe sets; False for
+data other than shapes), controls (add the controls), seed (the run seed and the generated
+train/eval sets).
 """
 import ml_collections
 

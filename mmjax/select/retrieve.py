@@ -80,8 +80,9 @@ def select_by_skills(pool_skills, profile: dict, budget: int, seed: int = 0, *, 
   from the items tagged with it that are not yet chosen (nor in `exclude`), in a seeded
   random order (`rank='random'`) or, with `rank='coverage'`, the items that exercise more of
   the profile first (`coverage`: a question that needs three missing skills before one that
-  needs one), ties in the seeded random order. A skill that runs short leaves the pool of skills; what it could not take is
-  allocated again over the other skills by profile weight, until the budget is met. If the
+  needs one), ties in the seeded random order. A skill that runs short leaves the pool of
+  skills; what it could not take is allocated again over the other skills by profile
+  weight, until the budget is met. If the
   tagged items cannot fill it (or the profile is empty), the rest is drawn uniformly,
   seeded, from the remaining pool. Returns int64 [budget], in the order chosen.
   """
