@@ -4,10 +4,11 @@
 changes (objective, data, steps, trainable, lora, optimizer, ...). A stage starts from
 the previous stage's result — its params with its adapter merged in — or from the stage
 named in its `init_from_stage` (with `continue_adapter`, that stage's params and adapter
-unmerged, saved as its `final_adapter/`: one adapter trained on across stages); the first stage starts from the model family's Hugging Face
-import (`init_from_hf`, `init_vision_from_hf`) or a seeded random init, and so does a stage
-with `init_from_stage='init'` (e.g. rebirth SFT of the model a recipe started from). Before it trains, a
-stage prepares the data files its kinds ask for (online DPO pairs, rebirth answers, a data
+unmerged, saved as its `final_adapter/`: one adapter trained on across stages); the first
+stage starts from the model family's Hugging Face import (`init_from_hf`,
+`init_vision_from_hf`) or a seeded random init, and so does a stage with
+`init_from_stage='init'` (e.g. rebirth SFT of the model a recipe started from). Before it
+trains, a stage prepares the data files its kinds ask for (online DPO pairs, rebirth answers, a data
 selection: `mmjax.recipes.kinds`). Stage NAME works in `WORKDIR/stages/NAME/`; when it
 finishes it writes its merged params to `final/` and its eval metrics to `done.json`, so a
 restarted recipe skips finished stages and resumes the current one at its last checkpoint.
