@@ -77,7 +77,7 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
       continue
     best = min(ok, key=lambda k: scores[k])
     worst = max(ok, key=lambda k: scores[k])
-    if scores[worst] - scores[best] <= d.min_score_gap or scores[best] == scores[worst] or answers[best] == answers[worst]:
+    if scores[worst] - scores[best] <= d.min_score_gap or answers[best] == answers[worst]:  # gap >= 0: ties never pair
       continue
     pairs.append({"id": f"{label}/{i}", "index": i, **pairs_lib.prompt_of(r), "chosen": answers[best],
                   "rejected": answers[worst], "ground_truth": pipeline.reference(r),
