@@ -47,6 +47,12 @@ after sft, batch 8):
               (`continue_adapter`), the reference updated to the previous round's policy
               (its log-probs precomputed with the pairs);
   gt0_1..R    the rounds with ground-truth weight 0.
+Stop rule (`stop=True`; off by default, `mmjax.recipes.stop`): after sft and after each round,
+the model answers `val` validation videos (held-out videos after the test ones, none equal to a
+test record); the first round whose video QA accuracy on them is more than `margin` below
+sft's is rejected and ends the rounds, its result and the later rounds' being the policy it
+started from (so rebirth distils the kept policy); the table's `validation` column has the
+values and the line under it what the rule decided. The controls run all their rounds.
 The table (results.txt / results.json / loss_curves.png) has every stage with its pairs per
 round (`pairs`) and its first DPO loss (log 2: policy = reference); `tools/mrdpo_report.py`
 checks the paper's claims per seed and as mean ± sd over a `tools/seeds.py` run.
@@ -54,8 +60,8 @@ checks the paper's claims per seed and as mean ± sd over a `tools/seeds.py` run
 Args: scale (multiplies step and prompt counts; scale=0.02 for a smoke test), rounds (R),
 eval (held-out videos, a third of each task), prompts (per round), cands (per prompt),
 temperature, min_gap, dpo_steps (per round), gt (ground-truth weight), sft_steps,
-rebirth_steps, distill (rebirth prompts), filter_max, controls (add the controls), seed (the run seed
-and the generated train / eval sets).
+rebirth_steps, distill (rebirth prompts), filter_max, controls (add the controls), stop, margin, val
+(the stop rule and its validation videos), seed (the run seed and the generated train / eval sets).
 """
 import ml_collections
 
@@ -69,7 +75,7 @@ CAPTIONS = (("video_caption", 1.0), ("video_local_caption", 1.0))
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, rounds=3, eval=1500, prompts=256, cands=6, temperature=1.0, min_gap=0.0,
                         dpo_steps=60, gt=1.0, sft_steps=1500, rebirth_steps=120, distill=512, filter_max=0.0, controls=True,
-                        seed=0)
+                        stop=False, margin=0.02, val=1500, seed=0)
   c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   c.vision.update(image_size=48, patch_size=16, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)
@@ -121,6 +127,10 @@ def get_config(arg=None):
     for r, name in enumerate(gt0):
       stages[name] = dict(dpo_round, dpo=dict(gt_weight=0.0), **(dict(init_from_stage="sft") if r == 0 else {}))
     order += ["cont_sft", "long", *fixed, *gt0]
+  if args.stop:  # the stop rule: validation videos after the test ones (a quarter more, in case any equals one)
+    val = args.val
+    c.stop.update(stages=tuple(rounds), baseline="sft", metric="qa_exact_match", margin=args.margin, val_examples=val)
+    c.data.num_eval_examples = args.eval + val + max(val // 4, 8)
   c.stage_order = tuple(order)
   c.stages = ml_collections.ConfigDict(stages)
   core.apply_seed(c, args.seed)

@@ -241,6 +241,21 @@ def test_mrdpo_report_rebirth_share_needs_a_reduction(tmp_path):
   assert re.search(r"does not hold\s+rebirth: keeps >= 60%", out)
 
 
+def test_mrdpo_report_says_what_the_stop_rule_kept(tmp_path):
+  _write_seed(tmp_path, 0)
+  _write_seed(tmp_path, 1)
+  rule = dict(metric="qa_exact_match", baseline="sft", margin=0.02, lower_is_better=False, val_examples=1500,
+              rounds=2)
+  for seed, fired, kept in ((0, None, 2), (1, dict(stage="dpo_2", kept="dpo_1", value=0.61, baseline_value=0.66), 1)):
+    path = tmp_path / f"seed_{seed}" / "results.json"
+    data = json.loads(path.read_text())
+    data["_stop"] = dict(rule, values={}, fired=fired, kept_rounds=kept)
+    path.write_text(json.dumps(data))
+  out = _report(tmp_path)
+  assert ("stop rule (qa_exact_match on 1500 validation videos, margin 0.020; dpo_R = the kept policy): "
+          "seed 0: kept 2 of 2; seed 1: kept 1 of 2 (dpo_2 rejected: 0.6100 against sft's 0.6600)") in out
+
+
 def test_mrdpo_report_names_what_a_run_lacks(tmp_path):
   _write_seed(tmp_path, 0)
   data = json.loads((tmp_path / "seed_0" / "results.json").read_text())
@@ -256,20 +271,24 @@ def test_mrdpo_recipe_shortened_two_seeds_end_to_end(tmp_path):
   """Every stage of the shortened recipe, two seeds through tools/seeds.py: SFT on the three
   tasks, two rounds, both rebirths and the controls; pairs per round in the table; each round's
   first DPO loss log 2, also the continued adapter's (its reference is the previous round's
-  policy); mean ± sd over the seeds and the claims report."""
-  cmd = [sys.executable, "tools/seeds.py", "--config", f"configs/shapes_mrdpo.py:{SMALL}", "--seeds", "2",
+  policy); the stop rule's validation values (with a margin no round exceeds: every round is
+  kept); mean ± sd over the seeds and the claims report."""
+  cmd = [sys.executable, "tools/seeds.py", "--config", f"configs/shapes_mrdpo.py:{SMALL},stop=True,margin=1.0,val=16",
+         "--seeds", "2",
          "--workdir", str(tmp_path), "--", "--config.model.n_layers=1", "--config.vision.n_layers=1",
          "--config.sample_eval.max_new_tokens=40", "--config.dpo.max_new_tokens=40"]
   r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stderr[-3000:]
   header = next(line for line in r.stdout.splitlines() if line.startswith("stage "))
-  assert header.split()[-3:] == ["first_dpo_loss", "pairs", "distill_rows"]
+  assert header.split()[-4:] == ["first_dpo_loss", "pairs", "distill_rows", "validation"]
   pairs = {}
   for seed in (0, 1):
     wd = tmp_path / f"seed_{seed}"
     saved = json.load(open(wd / "results.json"))
     assert list(saved) == ["sft", "dpo_1", "dpo_2", "rebirth", "rebirth_filtered", "cont_sft", "long", "fixed_1",
-                           "fixed_2", "gt0_1", "gt0_2"]
+                           "fixed_2", "gt0_1", "gt0_2", "_stop"]
+    assert saved["_stop"]["kept_rounds"] == 2 and set(saved["_stop"]["values"]) == {"sft", "dpo_1", "dpo_2"}
+    assert saved["dpo_2"]["validation"] == saved["_stop"]["values"]["dpo_2"] and saved["long"]["validation"] is None
     for r_ in ("dpo_1", "dpo_2", "long", "fixed_1", "fixed_2", "gt0_1", "gt0_2"):
       assert abs(saved[r_]["first_dpo_loss"] - math.log(2)) < 1e-4, (seed, r_)
       assert saved[r_]["pairs"] == len(open(wd / "stages" / r_ / "pairs.jsonl").read().splitlines())
@@ -284,5 +303,6 @@ def test_mrdpo_recipe_shortened_two_seeds_end_to_end(tmp_path):
   summary = json.loads((tmp_path / "seeds.json").read_text())
   assert summary["seeds"] == [0, 1] and summary["rows"]["dpo_2"]["error"]["n"] == 2
   assert "±" in (tmp_path / "seeds.txt").read_text()
+  assert summary["rows"]["stop rule (rounds kept of 2)"]["value"]["values"] == [2.0, 2.0]
   out = _report(tmp_path)
   assert "video QA accuracy" in out and "2 seeds" in out

@@ -407,14 +407,13 @@ def test_validation_records_are_disjoint_from_the_test_records():
   after the test set, none equal to a test record; too small an eval split is a config error."""
   from mmjax.config import core, schema
   from mmjax.evals import generation
-  from mmjax.recipes import select as select_recipe
   config = _errordriven("scale=0.02,budgets=24,pool=96,val=32,eval=64")
   cfg = core.stage_config(config, "errors_24")
   test = generation.eval_records(cfg.data, cfg.sample_eval.num_examples)
-  val = select_recipe.validation_records(cfg, cfg.select.val_examples)
+  val = generation.validation_records(cfg, cfg.select.val_examples, "config.select.val_examples")
   assert len(test) == 64 and len(val) == 32
-  test_keys = {select_recipe.content_key(r) for r in test}
-  assert not test_keys & {select_recipe.content_key(r) for r in val}
+  test_keys = {generation.content_key(r) for r in test}
+  assert not test_keys & {generation.content_key(r) for r in val}
   assert not {r["index"] for r in test} & {r["index"] for r in val}
   config.data.num_eval_examples = 80
   with pytest.raises(core.ConfigError, match="num_eval_examples=80 must hold the test records"):
@@ -552,9 +551,9 @@ def test_pool_is_disjoint_from_validation_and_test_and_its_target_skills_are_rar
   from mmjax.recipes import select as recipe
   config = _errordriven("budgets=24,pool=2000,val=32,eval=64")
   cfg = core.stage_config(config, "errors_24")
-  held = generation.eval_records(cfg.data, 64) + recipe.validation_records(cfg, 32)
+  held = generation.eval_records(cfg.data, 64) + generation.validation_records(cfg, 32, "config.select.val_examples")
   pool = [p for p in map(recipe.catalog.open_source(recipe.pool_data(cfg), "train").__getitem__, range(2000))]
-  assert not {recipe.content_key(r) for r in held} & {recipe.content_key(r) for r in pool}
+  assert not {generation.content_key(r) for r in held} & {generation.content_key(r) for r in pool}
   assert not {r["image"].tobytes() for r in held} & {r["image"].tobytes() for r in pool}
   target = sum(bool(set(r["skills"]) & {"colour", "shape", "size"}) for r in pool) / len(pool)
   assert 0.03 < target < 0.08, target

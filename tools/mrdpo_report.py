@@ -18,7 +18,8 @@ filtered); then the paper's targets (issue 16) as holds / does not hold:
   rebirth        rebirth keeps >= 60% of dpo_R's global-error reduction (sft - rebirth >=
                  0.6 (sft - dpo_R)) with its QA accuracy within 0.02 of sft's, on every seed
 and, as measured (no target): the DPO policy's QA accuracy against sft's, fixed_R and gt0_R
-against dpo_R, filtered against unfiltered rebirth.
+against dpo_R, filtered against unfiltered rebirth; for a run with the stop rule (`stop=True`),
+the rounds it kept on each seed (dpo_R is then the kept policy).
 
 Writes W/mrdpo_report.txt (and prints it).
 """
@@ -108,7 +109,22 @@ def rebirth_share(rows: dict, gain, kept) -> str:
          f"dpo_R lowers the error: {shares}"
 
 
-def report(rows: dict) -> str:
+def stop_summaries(workdir: str) -> list[tuple[int, dict]]:
+  """(seed, results.json `_stop`) of the seeds run with the stop rule (`stop=True`)."""
+  return [(seed, results["_stop"]) for seed, _, results in seed_results(workdir) if "_stop" in results]
+
+
+def stop_line(stops: list[tuple[int, dict]]) -> str:
+  """What the stop rule decided on each seed: the rounds kept, and the round it rejected."""
+  s0 = stops[0][1]
+  seeds = "; ".join(f"seed {seed}: kept {s['kept_rounds']} of {s['rounds']}" + (
+      f" ({s['fired']['stage']} rejected: {s['fired']['value']:.4f} against {s['baseline']}'s "
+      f"{s['fired']['baseline_value']:.4f})" if s["fired"] else "") for seed, s in stops)
+  return (f"stop rule ({s0['metric']} on {s0['val_examples']} validation videos, margin {s0['margin']:.3f}; "
+          f"dpo_R = the kept policy): {seeds}")
+
+
+def report(rows: dict, stops: list[tuple[int, dict]] = ()) -> str:
   lines = []
   for m, title in METRICS:
     lines += table(f"{title} ({m}; {len(rows[m])} seeds; dpo/fixed/gt0 = the last round)", rows[m], ARMS, width=17)
@@ -116,6 +132,8 @@ def report(rows: dict) -> str:
   targets, measured = checks(rows)
   lines += verdicts(targets)
   lines += [f"{'measured':<14} {line}" for line in measured]
+  if stops:
+    lines.append(f"{'measured':<14} {stop_line(stops)}")
   return "\n".join(lines)
 
 
@@ -123,7 +141,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="the tools/seeds.py workdir (with seed_K/ folders)")
   args = p.parse_args(argv)
-  publish(args.workdir, "mrdpo_report.txt", report(seed_rows(args.workdir)))
+  publish(args.workdir, "mrdpo_report.txt", report(seed_rows(args.workdir), stop_summaries(args.workdir)))
   return 0
 
 

@@ -15,7 +15,8 @@ Each seed's own table is its results.txt. Then:
 
 Differences between two rows are meaningful only beyond about two standard errors of each;
 per-caption and micro-averaged caption rates both appear when the recipe reports them, and so
-does the recipe's headroom check (`config.headroom`) per seed.
+does the recipe's headroom check (`config.headroom`) per seed, and how many rounds the stop rule
+kept (`config.stop`).
 """
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     h = checks[0]
     first, second = (h["floor"], h["ceiling"]) if h.get("lower_is_better") else (h["ceiling"], h["floor"])
     rows[f"headroom ({first} - {second}, {h['metric']})"] = {"value": [c["value"] for c in checks]}
+  stops = [r["_stop"] for _, r in sorted(per_seed.items()) if "_stop" in r]
+  if stops:  # the recipe's stop rule per seed (config.stop): how many rounds it kept
+    rows[f"stop rule (rounds kept of {stops[0]['rounds']})"] = {"value": [float(s["kept_rounds"]) for s in stops]}
   out = {}
   for label, row in rows.items():
     out[label] = {}

@@ -12,10 +12,13 @@ above.
 """
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import numpy as np
 
 from mmjax import sample
+from mmjax.config.core import ConfigError
 from mmjax.data import catalog, media, pipeline, pixels, shapes, steps
 from mmjax.evals import captions
 
@@ -23,6 +26,29 @@ from mmjax.evals import captions
 def eval_records(data_cfg, n: int) -> list[dict]:
   """The first `n` records of the eval split (fewer if it is smaller)."""
   return catalog.records(data_cfg, "eval", n)
+
+
+def content_key(record: dict) -> tuple:
+  """What makes two records the same example: the question, the answer and the media bytes."""
+  px = [np.asarray(record[k]).tobytes() for k in ("image", "frames") if k in record and not isinstance(record[k], str)]
+  paths = [str(record[k]) for k in ("image", "frames") if isinstance(record.get(k), str)]
+  return (pipeline.question(record), pipeline.reference(record), hashlib.sha1(b"".join(px)).hexdigest(), *paths)
+
+
+def validation_records(config, n: int, what: str) -> list[dict]:
+  """`n` held-out validation records: eval-split records after the test set (its first
+  `sample_eval.num_examples`, which every stage is scored on), skipping any whose question,
+  answer and media equal a test record's, so what reads them (a data selection, a stop rule:
+  `what` names its config key) never sees the test."""
+  n_test = config.sample_eval.num_examples
+  test = {content_key(r) for r in eval_records(config.data, n_test)}
+  rest = catalog.records(config.data, "eval", config.data.num_eval_examples)[n_test:]
+  val = [r for r in rest if content_key(r) not in test][:n]
+  if len(val) < n:
+    raise ConfigError(f"{what}={n}: the eval split has only {len(val)} records after the "
+                      f"{n_test} test records (config.sample_eval.num_examples) that differ from them; raise "
+                      f"config.data.num_eval_examples to at least {n_test + n + max(n // 4, 8)}")
+  return val
 
 
 def _answer(tokenizer, ids) -> str:

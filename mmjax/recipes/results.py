@@ -6,12 +6,14 @@ import json
 import os
 
 from mmjax.files import atomic_write
+from mmjax.recipes import stop as stop_lib
 from mmjax.train import plots
 
 
-# Per-stage numbers beside the metrics, last in the table: a DPO round's first-step loss and the
-# rows its prepared files hold (online pairs, rebirth answers).
-EXTRAS = ("first_dpo_loss", "pairs", "distill_rows")
+# Per-stage numbers beside the metrics, last in the table: a DPO round's first-step loss, the
+# rows its prepared files hold (online pairs, rebirth answers) and the stop rule's validation
+# value (`mmjax.recipes.stop`).
+EXTRAS = ("first_dpo_loss", "pairs", "distill_rows", "validation")
 FILES = {"pairs": "pairs.jsonl", "distill_rows": "distill.jsonl"}
 
 
@@ -42,7 +44,7 @@ def table_rows(results: dict) -> list[tuple[str, dict]]:
   from). Keys of `results` starting with '_' are not stages."""
   rows, shown = [], []
   for name, r in results.items():
-    if name.startswith("_"):  # not a stage (results.json's _headroom)
+    if name.startswith("_"):  # not a stage (results.json's _headroom, _stop)
       continue
     before = r.get("eval_before") or {}
     if shown and before and not any(_agree(before, x) for x in shown):  # a new eval task or starting point
@@ -103,11 +105,13 @@ def headroom_line(h: dict) -> str:
           f"(minimum {h['min']:.2f}): {verdict}")
 
 
-def write(workdir: str, results: dict, stage_dirs: list[tuple[str, str]], recipe: bool, check_cfg=None) -> None:
+def write(workdir: str, results: dict, stage_dirs: list[tuple[str, str]], recipe: bool, check_cfg=None,
+          stop: dict | None = None) -> None:
   """Loss curves for every stage; for a recipe also the table (printed, results.txt) and
   results.json. A DPO round's first-step loss (log 2 for sigmoid: policy = reference) and the
   rows of a stage's pairs / rebirth file join the table, and the headroom check
-  (`config.headroom`) follows it."""
+  (`config.headroom`) and what the stop rule decided (`stop`: `mmjax.recipes.stop.Rule.summary`)
+  follow it."""
   png = plots.loss_curves(workdir, stage_dirs)
   if recipe:
     for n, sdir in stage_dirs:
@@ -124,10 +128,17 @@ def write(workdir: str, results: dict, stage_dirs: list[tuple[str, str]], recipe
     check = headroom(results, check_cfg)
     if check is not None:
       text += "\n" + headroom_line(check)
+    if stop is not None:
+      text += "\n" + stop_lib.line(stop)
     print(text, flush=True)
     atomic_write(os.path.join(workdir, "results.txt"), text + "\n")  # the table as printed
     summary = {n: {k: r.get(k) for k in ("eval_before", "eval_after") + EXTRAS} for n, r in results.items()}
+    for n, r in results.items():
+      if r.get("skipped_for"):  # a round the stop rule did not train: its model is that stage's
+        summary[n]["skipped_for"] = r["skipped_for"]
     if check is not None:
       summary["_headroom"] = check
+    if stop is not None:
+      summary["_stop"] = stop
     atomic_write(os.path.join(workdir, "results.json"), json.dumps(summary, indent=1))
   print(f"loss curves: {png}", flush=True)

@@ -5,7 +5,7 @@ train set of `config.data` with the `select.pool` overrides) instead of `config.
 train set; `config.data` stays the stage's eval data (the target task). Before training:
 
   errors  the stage's starting model (the student) answers `select.val_examples` held-out
-          target records greedily (`validation_records`: eval-split records after, and
+          target records greedily (`generation.validation_records`: eval-split records after, and
           different from, the test records every stage is scored on); each wrong answer
           is an error (`gaps.collect_errors`);
           the teacher (`select.teacher`: 'facts', the exact atomic-fact analyser, or
@@ -37,7 +37,6 @@ stage's trainable regexes, the pool data with `indices_path` = the selection).
 from __future__ import annotations
 
 import collections
-import hashlib
 import math
 import random
 import time
@@ -46,7 +45,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.config.core import ConfigError, derive
-from mmjax.data import catalog, media, pipeline, pixels, shapes
+from mmjax.data import catalog, media, pixels, shapes
 from mmjax.evals import features, generation
 from mmjax.recipes import kinds
 from mmjax.select import gaps, retrieve, teachers
@@ -120,28 +119,6 @@ def _check(config, stage_names, check_files) -> None:
     raise ValueError(f"config.select.pool: {e}") from None
 
 
-def content_key(record: dict) -> tuple:
-  """What makes two records the same example: the question, the answer and the media bytes."""
-  px = [np.asarray(record[k]).tobytes() for k in ("image", "frames") if k in record and not isinstance(record[k], str)]
-  paths = [str(record[k]) for k in ("image", "frames") if isinstance(record.get(k), str)]
-  return (pipeline.question(record), pipeline.reference(record), hashlib.sha1(b"".join(px)).hexdigest(), *paths)
-
-
-def validation_records(config, n: int) -> list[dict]:
-  """The `n` held-out target records the student answers: eval-split records after the test
-  set (its first `sample_eval.num_examples`, which every stage is scored on), skipping any
-  whose question, answer and image equal a test record's, so selection never sees the test."""
-  n_test = config.sample_eval.num_examples
-  test = {content_key(r) for r in generation.eval_records(config.data, n_test)}
-  rest = catalog.records(config.data, "eval", config.data.num_eval_examples)[n_test:]
-  val = [r for r in rest if content_key(r) not in test][:n]
-  if len(val) < n:
-    raise ConfigError(f"config.select.val_examples={n}: the eval split has only {len(val)} records after the "
-                      f"{n_test} test records (config.sample_eval.num_examples) that differ from them; raise "
-                      f"config.data.num_eval_examples to at least {n_test + n + max(n // 4, 8)}")
-  return val
-
-
 def pool_data(config) -> ml_collections.ConfigDict:
   """config.data with the `select.pool` overrides: the pool's train set."""
   return derive(derive(config.data, config.select.pool), {"indices_path": ""})
@@ -209,7 +186,7 @@ def selection(config, run, params, tokenizer, finals: dict, log=print) -> str:
     indices = retrieve.select_random(n_pool, s.budget, s.seed)
   else:
     variables = {"params": params}
-    val = validation_records(config, s.val_examples)
+    val = generation.validation_records(config, s.val_examples, "config.select.val_examples")
     answers = generation.generate_answers(run, variables, val, tokenizer, max_new_tokens=config.sample_eval.max_new_tokens,
                                           batch=config.eval_batch_size)
     errors = gaps.collect_errors(val, answers)

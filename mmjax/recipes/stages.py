@@ -38,6 +38,7 @@ from mmjax.config.core import ConfigError, stage_config
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.files import atomic_write
 from mmjax.recipes import kinds, registry, results as results_lib
+from mmjax.recipes import stop as stop_lib
 from mmjax.train import loop
 from mmjax.train import run as run_lib
 from mmjax.train import state as state_lib
@@ -66,7 +67,7 @@ def config_dict() -> dict:
 
 def validate_recipe(config) -> None:
   """Checks of the whole recipe (before its stages are checked one by one)."""
-  continued(config)
+  stop_lib.validate_recipe(config, continued(config))
   h = config.headroom
   if h.metric:
     for key in ("floor", "ceiling"):
@@ -113,7 +114,7 @@ def abstract_adapter(run) -> dict:
 # What only training reads: the rest of a stage's config (new keys included) shapes its evaluation.
 TRAIN_ONLY = ("steps", "optimizer", "lora", "trainable", "groups", "group_schedule", "joint", "select", "batch_size",
               "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_at_start",
-              "stage_order", "stages", "init_from_stage", "headroom")
+              "stage_order", "stages", "init_from_stage", "headroom", "stop")
 TRAIN_ONLY_DATA = ("num_train_examples", "train_path", "train_split", "indices_path", "responses_path", "shuffle",
                    "worker_count")
 
@@ -134,9 +135,14 @@ def save_params(path: str, params) -> None:
   ckptr.wait_until_finished()
 
 
+def restore_tree(path: str, abstract):
+  """A tree saved by `save_params`, placed like `abstract` (ShapeDtypeStructs with shardings)."""
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+
+
 def restore_params(path: str, run) -> dict:
   """A finished stage's `final/` params, placed like `run.abstract_params`."""
-  return ocp.StandardCheckpointer().restore(os.path.abspath(path), run.abstract_params)
+  return restore_tree(path, run.abstract_params)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -147,8 +153,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results, finals, start_evals = {}, {}, {}  # start_evals: eval_key -> a step-0 evaluation
   keep_adapter = continued(config) if recipe else set()
   adapters = {}  # stage -> {'params', 'lora'} unmerged, for the stages a later stage continues
+  rule = stop_lib.Rule.of(config)  # the recipe's stop rule for its rounds (config.stop), if any
+
+  def watch(name, cfg, run, tokenizer, start_from, value=None) -> float | None:
+    """The stop rule's validation value of a finished stage it watches (scored when not given);
+    a round it rejects stands for the model it started from from here on."""
+    if rule is None or not rule.watches(name):
+      return None
+    if value is None:
+      with jax.set_mesh(mesh):
+        value = rule.score(cfg, run, finals[name], tokenizer)
+    rule.record(name, value, str(start_from))
+    return value
+
   prev = None
   for name in names:
+    if rule is not None and rule.skips(name):  # a round after the one that ended the rounds: not trained
+      kept = rule.kept(name)
+      finals[name] = finals[kept]
+      results[name] = {"eval_before": None, "eval_after": dict(results[kept].get("eval_after") or {}),
+                       "skipped_for": kept}
+      prev = name
+      continue
     cfg = stage_config(config, name) if recipe else config
     sdir = os.path.join(workdir, "stages", name) if recipe else workdir
     label = name if recipe else ""
@@ -162,12 +188,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if os.path.exists(done):  # finished before a restart: load its result, don't retrain
       finals[name] = restore_params(os.path.join(sdir, "final"), run)
       if name in keep_adapter:
-        adapters[name] = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(sdir, "final_adapter")),
-                                                            abstract_adapter(run))
+        adapters[name] = restore_tree(os.path.join(sdir, "final_adapter"), abstract_adapter(run))
       with open(done) as f:
         results[name] = json.load(f)
       if results[name].get("eval_before"):
         start_evals.setdefault(key, results[name]["eval_before"])
+      results[name]["validation"] = watch(name, cfg, run, tokenizer, start_from, results[name].get("validation"))
+      if rule is not None and rule.kept(name):
+        finals[name] = finals[rule.kept(name)]
       prev = name
       continue
     adapter = None
@@ -189,21 +217,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
       start_evals.setdefault(key, summary["eval_before"])
     if summary["preempted"]:
       break
-    if name == names[-1]:  # the model, before done.json: a rerun after a kill here exports it again
-      run.family.export(workdir, cfg, run, summary["state"].variables)
+    variables = summary["state"].variables
     if recipe:
       with jax.set_mesh(mesh):
         finals[name] = summary["run"].merged_params(summary["state"])
       save_params(os.path.join(sdir, "final"), finals[name])
       if name in keep_adapter:
-        variables = summary["state"].variables
         adapters[name] = {"params": variables["params"], "lora": variables["lora"]}
         save_params(os.path.join(sdir, "final_adapter"), adapters[name])
-      if jax.process_index() == 0:
-        atomic_write(done, json.dumps({k: summary.get(k) for k in ("eval_before", "eval_after")}))
+      summary["validation"] = watch(name, cfg, run, tokenizer, start_from)
+      if rule is not None and rule.kept(name):  # a rejected round: the model it started from stands for it
+        finals[name] = finals[rule.kept(name)]
+        variables = {"params": finals[name]}
+    if name == names[-1]:  # the model, before done.json: a rerun after a kill here exports it again
+      run.family.export(workdir, cfg, run, variables)
+    if recipe and jax.process_index() == 0:
+      atomic_write(done, json.dumps({k: summary.get(k) for k in ("eval_before", "eval_after", "validation")}))
     prev = name
   finished = not any(isinstance(r, dict) and r.get("preempted") for r in results.values())
   if finished and jax.process_index() == 0:
     stage_dirs = [(n, os.path.join(workdir, "stages", n) if recipe else workdir) for n in results]
-    results_lib.write(workdir, results, stage_dirs, recipe, check_cfg=config.headroom)
+    results_lib.write(workdir, results, stage_dirs, recipe, check_cfg=config.headroom,
+                      stop=rule.summary() if rule is not None else None)
   return results
