@@ -18,7 +18,7 @@ selection in mmjax/recipes/select.py):
 
   student     all weights of a random ViT + projector + LLaMA trained 300 steps on a generic mix
               of captions (which name every colour, shape and size) and questions, the target's
-              kinds being only `student_target` (2%) of them: it answers in steps, often wrongly;
+              kinds being only `student_target` (1%) of them: it answers in steps, often wrongly;
   errors_B    from `student`, per budget B (`fractions` of the pool: 0.6, 1.8 and 6%, the
               paper's): the student answers `val` validation questions (held-out, disjoint from
               the test questions and from the pool); the teacher marks each wrong answer's first
@@ -74,7 +74,7 @@ def budgets_of(pool: int, fractions: str, budgets: str) -> list[int]:
 
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, fractions="0.6-1.8-6", budgets="", pool=5000, rare=0.05, val=128,
-                        epochs=10.0, min_steps=40, eval=1000, student_steps=300, student_target=0.02, mix=0.0,
+                        epochs=10.0, min_steps=40, eval=1000, student_steps=300, student_target=0.01, mix=0.0,
                         rank="random", teacher="facts", seed=0)
   budgets = budgets_of(args.pool, args.fractions, args.budgets)
   c = schema.base_config()
