@@ -160,3 +160,20 @@ def test_a_rejected_round_hands_on_the_model_it_started_from_and_a_restart_agree
   assert again["r3"]["skipped_for"] == "r1" and again["after"]["eval_after"] == pytest.approx(
       results["after"]["eval_after"])
   assert json.loads((tmp_path / "results.json").read_text())["_stop"] == saved["_stop"]
+
+
+def test_a_skipped_last_round_exports_the_kept_policy(tmp_path, monkeypatch):
+  """When the rounds end the recipe and the rule skips the last one, the exported model is the
+  kept policy (r1's), not missing and not the rejected r2."""
+  from mmjax.convert import model_dir
+  values = {"base": 0.5, "r1": 0.5, "r2": 0.1}
+  monkeypatch.setattr(stop_lib.Rule, "score", lambda self, *a: values[[n for n in values if n not in self.values][0]])
+  c = _recipe()
+  c.stage_order = ("base", *ROUNDS)
+  results = stages.train_and_evaluate(c, str(tmp_path))
+  assert results["r3"]["skipped_for"] == "r1"
+  _, params, lora, _ = model_dir.load(str(tmp_path / "model"))
+  r1_final = _flat(results["r1"]["run"].merged_params(results["r1"]["state"]))
+  assert lora is None
+  for k, v in _flat(params).items():
+    np.testing.assert_allclose(np.asarray(v), np.asarray(r1_final[k]), rtol=0, atol=0)

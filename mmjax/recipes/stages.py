@@ -18,6 +18,10 @@ A finished recipe prints a table of every stage's held-out metrics and writes it
 `done.json` is written, each output directory atomically, so a kill at any point leaves nothing
 half-written and the rerun of the same command completes what is missing.
 
+With `config.stop` (`mmjax.recipes.stop`), a round whose validation metric degrades is
+rejected and ends the rounds: from then on the model it started from stands for it and for
+the later rounds, which are not trained.
+
 Stages that start from the same stage and evaluate alike (`eval_key`: same eval data,
 generation settings and model) start from the same params, so the first one's step-0
 evaluation is reused by the others instead of being computed again (a recipe's arms).
@@ -168,13 +172,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   prev = None
   for name in names:
-    if rule is not None and rule.skips(name):  # a round after the one that ended the rounds: not trained
-      kept = rule.kept(name)
-      finals[name] = finals[kept]
-      results[name] = {"eval_before": None, "eval_after": dict(results[kept].get("eval_after") or {}),
-                       "skipped_for": kept}
-      prev = name
-      continue
     cfg = stage_config(config, name) if recipe else config
     sdir = os.path.join(workdir, "stages", name) if recipe else workdir
     label = name if recipe else ""
@@ -182,6 +179,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     stage_kinds = registry.kinds_for(cfg)
     cfg = kinds.configure(stage_kinds, cfg, sdir)
     run = run_lib.build(cfg, mesh, tokenizer)
+    if rule is not None and rule.skips(name):  # a round after the one that ended the rounds: not trained
+      kept = rule.kept(name)
+      finals[name] = finals[kept]
+      results[name] = {"eval_before": None, "eval_after": dict(results[kept].get("eval_after") or {}),
+                       "skipped_for": kept}
+      if name == names[-1]:
+        run.family.export(workdir, cfg, run, {"params": finals[name]})
+      prev = name
+      continue
     done = os.path.join(sdir, "done.json")
     start_from = cfg.init_from_stage or prev
     key = eval_key(str(start_from), cfg)
