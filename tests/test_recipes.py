@@ -27,8 +27,8 @@ def test_shapes_vlm_recipe_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_shapes_errordriven_recipe_two_seeds_end_to_end(tmp_path):
-  """The shortened recipe, two seeds through tools/seeds.py: tables per seed and mean ± sd,
-  exact budgets, the gap profile from first wrong steps, and a selection that the standalone
+  """The shortened recipe, two seeds through tools/seeds.py: tables per seed and mean ± sd
+  (each seed's run seed; a rerun skips finished seeds), exact budgets, the gap profile from first wrong steps, and a selection that the standalone
   CLI recomputes identically from the finished student."""
   from helpers import ROOT, subprocess_env
   import subprocess
@@ -41,9 +41,12 @@ def test_shapes_errordriven_recipe_two_seeds_end_to_end(tmp_path):
   summary = json.loads((tmp_path / "seeds.json").read_text())
   assert summary["seeds"] == [0, 1] and "±" in (tmp_path / "seeds.txt").read_text()
   assert summary["rows"]["errors_24"]["gen_answer_match"]["n"] == 2
+  again = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and "seed 0:" not in again.stdout  # finished seeds are not run again
   chosen = []
   for k in (0, 1):
     wd = tmp_path / f"seed_{k}"
+    assert json.loads((wd / "config.json").read_text())["seed"] == k
     results = json.load(open(wd / "results.json"))
     assert set(results) == {"student", "errors_24", "random_24", "full", "_headroom"}
     h = results["_headroom"]

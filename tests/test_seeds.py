@@ -3,12 +3,11 @@ args and data.split_seed."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, subprocess_env
+from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import seeds as seeds_tool  # noqa: E402
@@ -45,25 +44,6 @@ def test_split_seed_draws_other_generated_sets():
   assert [a[i] for i in range(8)] != [b[i] for i in range(8)]
   c.data.split_seed = 0
   assert [catalog.open_source(c.data, "eval")[i] for i in range(8)] == [a[i] for i in range(8)]
-
-
-@pytest.mark.slow
-def test_two_seeds_of_a_shortened_recipe(tmp_path):
-  cmd = [sys.executable, "tools/seeds.py", "--config", "configs/shapes_vlm.py:scale=0.02,eval=4", "--seeds", "2",
-         "--workdir", str(tmp_path), "--", "--config.sample_eval.max_new_tokens=16"]
-  r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
-  for k in (0, 1):
-    assert (tmp_path / f"seed_{k}" / "results.txt").exists()
-    assert json.loads((tmp_path / f"seed_{k}" / "config.json").read_text())["seed"] == k
-  summary = json.loads((tmp_path / "seeds.json").read_text())
-  assert summary["seeds"] == [0, 1]
-  loss = summary["rows"]["finetune"]["loss"]
-  assert loss["n"] == 2 and loss["values"][0] != loss["values"][1] and loss["sd"] > 0
-  assert "micro_missing" in summary["rows"]["finetune"]
-  assert "±" in (tmp_path / "seeds.txt").read_text()
-  again = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
-  assert again.returncode == 0 and "seed 0:" not in again.stdout  # finished seeds are not run again
 
 
 def _fake_errordriven_seed(root, seed, student, errors, random_, full, on_missing):

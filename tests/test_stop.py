@@ -25,6 +25,7 @@ def _recipe(margin=0.05, val=16):
   c.seq_len = 48  # the prompts and 6 new tokens
   c.data.num_eval_examples = 8 + val + 8
   c.sample_eval.update(num_examples=8, max_new_tokens=6)
+  c.eval_at_start = False
   lora = {"trainable": ("lora/.*",)}
   c.stage_order = ("base", *ROUNDS, "after")
   c.stages = ml_collections.ConfigDict({"base": {"trainable": ("params/.*",), "lora": {"targets": ""}},
@@ -86,6 +87,7 @@ def test_a_round_whose_adapter_is_continued_cannot_be_watched():
     schema.validate(c)
 
 
+@pytest.mark.slow
 def test_validation_is_scored_on_records_apart_from_the_test_and_saved(tmp_path, monkeypatch):
   """With a margin no round can exceed, every round runs; each watched stage's value is its
   merged model's metric on the validation records (none a test record), in done.json and the
