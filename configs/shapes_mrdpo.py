@@ -73,7 +73,7 @@ CAPTIONS = (("video_caption", 1.0), ("video_local_caption", 1.0))
 
 
 def get_config(arg=None):
-  args = core.parse_arg(arg, scale=1.0, rounds=3, eval=1500, prompts=256, cands=6, temperature=1.0, min_gap=0.0,
+  args = core.parse_arg(arg, scale=1.0, rounds=3, eval=3000, prompts=256, cands=6, temperature=1.0, min_gap=0.0,
                         dpo_steps=60, gt=1.0, sft_steps=1500, rebirth_steps=120, distill=512, filter_max=0.0, controls=True,
                         stop=False, margin=0.02, val=1500, seed=0)
   c = schema.base_config()
