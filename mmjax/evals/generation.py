@@ -35,6 +35,17 @@ def content_key(record: dict) -> tuple:
   return (pipeline.question(record), pipeline.reference(record), hashlib.sha1(b"".join(px)).hexdigest(), *paths)
 
 
+def validation_room(config, n: int, what: str) -> str | None:
+  """Why the eval split cannot hold the test records and, after them, `n` validation records
+  (`what` names the asking key, e.g. 'select.val_examples'); None when it can. Opens nothing."""
+  need = config.sample_eval.num_examples + n
+  if config.data.num_eval_examples >= need:
+    return None
+  return (f"config.data.num_eval_examples={config.data.num_eval_examples} must hold the test records "
+          f"(sample_eval.num_examples={config.sample_eval.num_examples}) and, after them, the "
+          f"{what}={n} validation records: at least {need}")
+
+
 def validation_records(config, n: int, what: str) -> list[dict]:
   """`n` held-out validation records: eval-split records after the test set (its first
   `sample_eval.num_examples`, which every stage is scored on), skipping any whose question,

@@ -100,11 +100,9 @@ def _check(config, stage_names, check_files) -> None:
     raise ValueError(f"config.select.epochs={s.epochs} and config.select.min_steps={s.min_steps} must be >= 0")
   if s.method == "errors" and s.val_examples <= 0:
     raise ValueError(f"config.select.val_examples={s.val_examples} must be > 0")
-  need = config.sample_eval.num_examples + s.val_examples
-  if s.method == "errors" and config.data.num_eval_examples < need:
-    raise ValueError(f"config.data.num_eval_examples={config.data.num_eval_examples} must hold the test records "
-                     f"(sample_eval.num_examples={config.sample_eval.num_examples}) and, after them, the "
-                     f"select.val_examples={s.val_examples} validation records: at least {need}")
+  short = generation.validation_room(config, s.val_examples, "select.val_examples")
+  if s.method == "errors" and short:
+    raise ValueError(short)
   if s.method == "errors" and s.teacher == "model" and s.teacher_stage not in stage_names:
     raise ValueError(f"config.select.teacher_stage={s.teacher_stage!r} names no earlier stage; "
                      f"earlier stages: {', '.join(stage_names) or 'none'}")

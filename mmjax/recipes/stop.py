@@ -75,12 +75,9 @@ def validate_recipe(config, continued: set) -> None:
   if both:
     raise ConfigError(f"config.stop.stages: a later stage continues the adapter of {both[0]!r} (continue_adapter), "
                       "which a rejected round could not hand on; watch rounds that each start a fresh adapter")
-  base = stage_config(config, s.baseline)
-  need = base.sample_eval.num_examples + s.val_examples
-  if base.data.num_eval_examples < need:
-    raise ConfigError(f"config.data.num_eval_examples={base.data.num_eval_examples} must hold the test records "
-                      f"(sample_eval.num_examples={base.sample_eval.num_examples}) and, after them, the "
-                      f"stop.val_examples={s.val_examples} validation records: at least {need}")
+  short = generation.validation_room(stage_config(config, s.baseline), s.val_examples, "stop.val_examples")
+  if short:
+    raise ConfigError(short)
 
 
 def degraded(value: float, baseline: float, margin: float, lower_is_better: bool = False) -> bool:
