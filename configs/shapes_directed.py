@@ -53,7 +53,11 @@ image-video:2-text trains image 1, video 2, text 1 step per cycle; a group left 
 trains), mode (interleaved | sequential), eval (held-out target videos), pretrain (steps),
 shared (the directed video group trains the whole video path, as the video-only arms do: it
 shares the projector's adapter with the image group and the language model's MLP adapters
-with the text group), seed (the run seed and the generated train / eval sets).
+with the text group), small_lacks (a new concept, e.g. `cyan`, left out of the small video set:
+the `small` arm's and the directed / joint video group's videos are drawn without it, while the
+image set, the text and the full video set keep it, so the images teach something the small
+video set cannot; default "" keeps every concept), seed (the run seed and the generated train /
+eval sets).
 """
 import ml_collections
 
@@ -76,16 +80,28 @@ def set_sizes(videos: int, video_share: float, image_share: float) -> dict:
   return dict(full=videos, small=max(1, round(videos * video_share)), images=max(1, round(videos * image_share)))
 
 
+def small_video_data(lacks: str) -> dict:
+  """The small video set's data overrides: without the new concept `lacks` ("" = none left out)."""
+  if not lacks:
+    return {}
+  if lacks not in NEW_SHAPES + NEW_COLOURS:
+    raise core.ConfigError(f"config arg small_lacks={lacks!r} is not valid; choose one of the new concepts "
+                           f"{NEW_SHAPES + NEW_COLOURS} or '' (none left out)")
+  key = "shapes" if lacks in NEW_SHAPES else "colours"
+  return {key: tuple(x for x in TARGET[key] if x != lacks)}
+
+
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, steps=300, videos=2000, video_share=0.24, image_share=0.025, text=2000,
                         schedule="image-video:2-text", mode="interleaved", eval=1500, pretrain=800, shared=False,
-                        seed=0)
+                        small_lacks="", seed=0)
   if args.mode not in ("interleaved", "sequential"):
     raise core.ConfigError(f"config arg mode={args.mode!r} is not valid; choose 'interleaved' or 'sequential'")
   if not 0 < args.video_share <= 1 or not 0 < args.image_share <= 1:
     raise core.ConfigError(f"config args video_share={args.video_share!r} and image_share={args.image_share!r} "
                            "must be fractions in (0, 1]")
   sizes = set_sizes(args.videos, args.video_share, args.image_share)
+  small_data = small_video_data(args.small_lacks)
   schedule = args.schedule.replace("-", ",")  # config args are comma-separated: the arg's items use dashes
   c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
@@ -110,7 +126,7 @@ def get_config(arg=None):
   video = lambda n: dict(num_train_examples=n)  # the first n target videos of the train split
   directed_groups = {
       "image": dict(trainable=IMAGE_PATH, data=dict(task="image_caption", num_train_examples=sizes["images"])),
-      "video": dict(trainable=VIDEO_ONLY if args.shared else VIDEO_PATH, data=video(sizes["small"])),
+      "video": dict(trainable=VIDEO_ONLY if args.shared else VIDEO_PATH, data=dict(video(sizes["small"]), **small_data)),
       "text": dict(trainable=TEXT_PATH, data=dict(drop_media=True, num_train_examples=args.text)),
   }
   arm = dict(steps=steps(args.steps), init_from_stage="pretrain")
@@ -122,7 +138,7 @@ def get_config(arg=None):
                                    videos=dict(trainable=("params/.*",), data=old)),
                        group_schedule="images,videos"),
       "full": dict(arm, groups=dict(video=dict(trainable=VIDEO_ONLY, data=video(sizes["full"])))),
-      "small": dict(arm, groups=dict(video=dict(trainable=VIDEO_ONLY, data=video(sizes["small"])))),
+      "small": dict(arm, groups=dict(video=dict(trainable=VIDEO_ONLY, data=dict(video(sizes["small"]), **small_data)))),
       "joint": dict(arm, groups=directed_groups, group_schedule=schedule, joint=True),
   }
   if args.mode == "interleaved":
