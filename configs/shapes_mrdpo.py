@@ -61,7 +61,8 @@ Args: scale (multiplies step and prompt counts; scale=0.02 for a smoke test), ro
 eval (held-out videos, a third of each task), prompts (per round), cands (per prompt),
 temperature, min_gap, dpo_steps (per round), gt (ground-truth weight), sft_steps,
 rebirth_steps, distill (rebirth prompts), filter_max, controls (add the controls), stop, margin, val
-(the stop rule and its validation videos), seed (the run seed and the generated train / eval sets).
+(the stop rule and its validation videos), lr_decay (round r trains at 5e-4 x lr_decay^(r-1), in
+the fixed_ and gt0_ rounds too; 1 = every round at 5e-4), seed (the run seed and the generated train / eval sets).
 """
 import ml_collections
 
@@ -75,7 +76,10 @@ CAPTIONS = (("video_caption", 1.0), ("video_local_caption", 1.0))
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, rounds=3, eval=3000, prompts=256, cands=6, temperature=1.0, min_gap=0.0,
                         dpo_steps=60, gt=1.0, sft_steps=1500, rebirth_steps=120, distill=512, filter_max=0.0, controls=True,
-                        stop=False, margin=0.02, val=1500, seed=0)
+                        stop=False, margin=0.02, val=1500, lr_decay=1.0, seed=0)
+  if not 0 < args.lr_decay <= 1:
+    raise core.ConfigError(f"config arg lr_decay={args.lr_decay!r} is not valid; it multiplies each later round's "
+                           "learning rate and must lie in (0, 1]")
   c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   c.vision.update(image_size=48, patch_size=16, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)
@@ -101,13 +105,14 @@ def get_config(arg=None):
                prompt_data=dict(pool_mix=CAPTIONS))
   lora_stage = dict(lora=dict(targets=ALL_PROJECTIONS), trainable=("lora/.*",))
   dpo_round = dict(lora_stage, objective="dpo", steps=K, optimizer=dict(lr=5e-4, warmup_steps=0, schedule="constant"))
+  at_round = lambda r: dict(dpo_round, optimizer=dict(dpo_round["optimizer"], lr=5e-4 * args.lr_decay ** r))  # r from 0
   stages = {
       "sft": dict(steps=steps(args.sft_steps), batch_size=32, trainable=("params/.*",), lora=dict(targets=""),
                   eval_at_start=False, optimizer=dict(lr=1e-3, warmup_steps=20)),
   }
   rounds = [f"dpo_{r}" for r in range(1, R + 1)]
-  for name in rounds:
-    stages[name] = dict(dpo_round)
+  for r, name in enumerate(rounds):
+    stages[name] = at_round(r)
   rebirth = dict(lora_stage, steps=steps(args.rebirth_steps), init_from_stage="sft", distill_from_stage=rounds[-1],
                  distill_examples=count(args.distill), distill_data=dict(pool_mix=CAPTIONS),
                  optimizer=dict(lr=1e-3, warmup_steps=5))
@@ -121,11 +126,11 @@ def get_config(arg=None):
     stages["long"] = dict(dpo_round, steps=R * K, init_from_stage="sft", dpo=dict(num_prompts=R * count(args.prompts)))
     fixed = [f"fixed_{r}" for r in range(1, R + 1)]
     for r, name in enumerate(fixed):
-      stages[name] = dict(dpo_round, dpo=dict(reference="precomputed"),
+      stages[name] = dict(at_round(r), dpo=dict(reference="precomputed"),
                           **(dict(init_from_stage="sft") if r == 0 else dict(continue_adapter=True)))
     gt0 = [f"gt0_{r}" for r in range(1, R + 1)]
     for r, name in enumerate(gt0):
-      stages[name] = dict(dpo_round, dpo=dict(gt_weight=0.0), **(dict(init_from_stage="sft") if r == 0 else {}))
+      stages[name] = dict(at_round(r), dpo=dict(gt_weight=0.0), **(dict(init_from_stage="sft") if r == 0 else {}))
     order += ["cont_sft", "long", *fixed, *gt0]
   if args.stop:  # the stop rule: validation videos after the test ones (a quarter more, in case any equals one)
     val = args.val
