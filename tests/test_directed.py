@@ -200,3 +200,21 @@ def test_shared_arg_gives_the_directed_video_group_the_whole_video_path():
   cfg = core.stage_config(_config("scale=0.02,shared=True"), "directed")
   assert tuple(cfg.groups.video.trainable) == DIRECTED.VIDEO_ONLY
   assert tuple(core.stage_config(_config(), "directed").groups.video.trainable) == DIRECTED.VIDEO_PATH
+
+
+def test_small_lacks_leaves_one_new_concept_out_of_the_small_video_set():
+  """small_lacks=cyan: the small arm's and the directed / joint video group's videos never show
+  cyan; the image set, the text and the full video set still do; the sizes stay the same."""
+  config = _config("scale=0.02,videos=200,image_share=0.25,text=60,eval=8,small_lacks=cyan")
+  has = lambda recs: sum("cyan" in _words(r) for r in recs)
+  records = lambda stage, group: catalog.records(groups.data_config(core.stage_config(config, stage), group), "train",
+                                                 groups.data_config(core.stage_config(config, stage),
+                                                                    group).num_train_examples)
+  for stage in ("small", "directed", "joint"):
+    recs = records(stage, "video")
+    assert len(recs) == 48 and has(recs) == 0 and any(_words(r) & {"purple", "diamond"} for r in recs), stage
+  for stage, group in (("directed", "image"), ("joint", "image"), ("directed", "text"), ("full", "video")):
+    assert has(records(stage, group)) > 0, (stage, group)
+  assert has(catalog.records(config.data, "eval", 40)) > 0  # the test videos keep it
+  with pytest.raises(core.ConfigError, match=r"small_lacks='red' is not valid; choose one of the new concepts"):
+    _config("small_lacks=red")

@@ -306,3 +306,18 @@ def test_mrdpo_recipe_shortened_two_seeds_end_to_end(tmp_path):
   assert summary["rows"]["stop rule (rounds kept of 2)"]["value"]["values"] == [2.0, 2.0]
   out = _report(tmp_path)
   assert "video QA accuracy" in out and "2 seeds" in out
+
+
+def test_lr_decay_lowers_each_later_rounds_learning_rate():
+  """Round r (and its no-proxy and no-ground-truth twins) trains at 5e-4 x lr_decay^(r-1); the
+  other stages keep theirs; a decay outside (0, 1] is a one-line error."""
+  _, config = load(CONFIG, "lr_decay=0.5")
+  lr = lambda s: core.stage_config(config, s).optimizer.lr
+  for chain in ("dpo_", "fixed_", "gt0_"):
+    assert [lr(f"{chain}{r}") for r in (1, 2, 3)] == pytest.approx([5e-4, 2.5e-4, 1.25e-4])
+  _, default = load(CONFIG, "")
+  assert all(lr(s) == core.stage_config(default, s).optimizer.lr for s in ("sft", "cont_sft", "long", "rebirth"))
+  assert {core.stage_config(default, f"dpo_{r}").optimizer.lr for r in (1, 2, 3)} == {5e-4}
+  for bad in ("0", "1.5"):
+    with pytest.raises(core.ConfigError, match=rf"config arg lr_decay={bad}.* must lie in \(0, 1\]"):
+      load(CONFIG, f"lr_decay={bad}")
