@@ -62,7 +62,8 @@ eval (held-out videos, a third of each task), prompts (per round), cands (per pr
 temperature, min_gap, dpo_steps (per round), gt (ground-truth weight), sft_steps,
 rebirth_steps, distill (rebirth prompts), filter_max, controls (add the controls), stop, margin, val
 (the stop rule and its validation videos), lr_decay (round r trains at 5e-4 x lr_decay^(r-1), in
-the fixed_ and gt0_ rounds too; 1 = every round at 5e-4), seed (the run seed and the generated train / eval sets).
+the fixed_ and gt0_ rounds too, and cont_sft and long step down the same way every K steps;
+1 = every round at 5e-4), seed (the run seed and the generated train / eval sets).
 """
 import ml_collections
 
@@ -120,10 +121,14 @@ def get_config(arg=None):
   stages["rebirth_filtered"] = dict(rebirth, distill_scorer="shapes_caption", distill_max_score=args.filter_max)
   order = ["sft", *rounds, "rebirth", "rebirth_filtered"]
   if args.controls:
+    # the controls follow the rounds' learning rates: 5e-4, times lr_decay every K steps
+    profile = dict(lr=5e-4, warmup_steps=0, **(dict(schedule="step", step_every=K, step_rate=args.lr_decay)
+                                               if args.lr_decay < 1 else dict(schedule="constant")))
     stages["cont_sft"] = dict(lora_stage, steps=R * K, init_from_stage="sft",
                               groups=dict(captions=dict(trainable=("lora/.*",), data=dict(pool_mix=CAPTIONS))),
-                              optimizer=dict(lr=5e-4, warmup_steps=0, schedule="constant"))
-    stages["long"] = dict(dpo_round, steps=R * K, init_from_stage="sft", dpo=dict(num_prompts=R * count(args.prompts)))
+                              optimizer=profile)
+    stages["long"] = dict(dpo_round, steps=R * K, init_from_stage="sft", dpo=dict(num_prompts=R * count(args.prompts)),
+                          optimizer=profile)
     fixed = [f"fixed_{r}" for r in range(1, R + 1)]
     for r, name in enumerate(fixed):
       stages[name] = dict(at_round(r), dpo=dict(reference="precomputed"),

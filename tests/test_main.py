@@ -118,7 +118,7 @@ BAD = [
     (["--config.batch_size=7"], "config.batch_size=7 must be divisible"),
     (["--config.lora.targets=.*nothing"], "config.lora.targets='.*nothing' matches no module"),
     (["--config.trainable=('nope/.*',)"], "config.trainable entry 'nope/.*' matches no variable"),
-    (["--config.optimizer.schedule=step"], "config.optimizer.schedule='step' is not valid"),
+    (["--config.optimizer.schedule=stair"], "config.optimizer.schedule='stair' is not valid"),
     (["--config.data.source=jsonl", "--config.data.train_path=/no/such.jsonl"], "/no/such.jsonl"),
     (["--config.steps=abc"], "--config.steps=abc"),
 ]

@@ -6,7 +6,8 @@ from flax import traverse_util
 
 from mmjax import sharding
 from mmjax.train import run as run_lib
-from mmjax.train.state import split
+from mmjax.config import core, schema
+from mmjax.train.state import learning_rate_schedule, split
 
 from helpers import synthetic_batches, tiny_config
 
@@ -21,6 +22,18 @@ def _losses(config, devices, n_steps=3, batches=None):
     state, m = run.train_step(state, run.global_batch(b), jax.random.key(1))
     out.append(jax.device_get(m))
   return run, state, out
+
+
+def test_step_schedule_multiplies_the_lr_every_step_every_steps():
+  config = tiny_config()
+  config.optimizer.update(lr=4e-4, warmup_steps=0, schedule="step", step_every=3, step_rate=0.5)
+  lr = learning_rate_schedule(config.optimizer, 9)
+  assert [float(lr(k)) for k in range(9)] == pytest.approx([4e-4] * 3 + [2e-4] * 3 + [1e-4] * 3)
+  config.optimizer.update(warmup_steps=2)
+  assert float(lr(0)) == pytest.approx(4e-4) and float(learning_rate_schedule(config.optimizer, 9)(0)) == 0.0
+  config.optimizer.update(step_every=0)
+  with pytest.raises(core.ConfigError, match=r"schedule='step' needs optimizer.step_every > 0 .* got step_every=0"):
+    schema.validate(config, 1)
 
 
 def test_split_by_regex():

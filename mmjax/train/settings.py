@@ -9,7 +9,7 @@ import ml_collections
 from mmjax.config.core import ConfigError, check_choice, check_positive, check_regex
 from mmjax.sharding import DEFAULT_RULES, mesh_shape, rules_from_config
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "step")
 STORE_DTYPES = ("float32", "bfloat16", "")  # '' = as the params
 POSITIVE = ("seq_len", "batch_size", "grad_accum", "steps", "log_every", "checkpoint_every",
             "keep_checkpoints", "eval_batch_size", "lora.rank", "optimizer.lr")
@@ -33,9 +33,11 @@ def config_dict() -> dict:
           lr=1e-3, b1=0.9, b2=0.999, eps=1e-8,
           weight_decay=0.0,
           decay_mask=r".*/(kernel|a|b)",  # regex over trainable paths that get weight decay
-          schedule="cosine",  # 'cosine', 'linear' or 'constant' after warmup
+          schedule="cosine",  # 'cosine', 'linear', 'constant' or 'step' after warmup
           warmup_steps=10,
-          end_lr_fraction=0.1,  # final lr = lr * end_lr_fraction
+          end_lr_fraction=0.1,  # final lr = lr * end_lr_fraction (cosine, linear)
+          step_every=0,  # 'step': the lr is multiplied by step_rate every step_every steps after warmup
+          step_rate=0.5,
           clip_norm=1.0,  # global-norm clipping; 0 = off
           moment_dtype="float32",  # AdamW's moments (and the update) in this dtype whatever the trainable
           #                          params' dtype; '' = the params' own dtype
@@ -67,6 +69,10 @@ def config_dict() -> dict:
 def validate(config, env) -> None:
   check_choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
   check_positive(config, *POSITIVE)
+  if config.optimizer.schedule == "step" and (config.optimizer.step_every <= 0 or not 0 < config.optimizer.step_rate <= 1):
+    raise ConfigError(f"config.optimizer.schedule='step' needs optimizer.step_every > 0 and optimizer.step_rate in "
+                      f"(0, 1]; got step_every={config.optimizer.step_every!r}, "
+                      f"step_rate={config.optimizer.step_rate!r}")
   check_choice("lora.dtype", config.lora.dtype, STORE_DTYPES)
   check_choice("optimizer.moment_dtype", config.optimizer.moment_dtype, STORE_DTYPES)
   if not 0.0 <= config.lora.dropout < 1.0:

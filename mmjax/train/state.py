@@ -52,7 +52,8 @@ def merge_trees(a: dict, b: dict) -> dict:
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `lr`, then cosine or linear decay to `lr * end_lr_fraction`, or constant."""
+  """Linear warmup to `lr`, then cosine or linear decay to `lr * end_lr_fraction`, constant, or
+  stepped (`lr * step_rate ** (k // step_every)` at the k-th step after warmup)."""
   warmup = int(opt_cfg.warmup_steps)
   decay_steps = max(int(total_steps) - warmup, 1)
   end = opt_cfg.lr * opt_cfg.end_lr_fraction
@@ -60,6 +61,8 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     decay = optax.cosine_decay_schedule(opt_cfg.lr, decay_steps, alpha=opt_cfg.end_lr_fraction)
   elif opt_cfg.schedule == "linear":
     decay = optax.linear_schedule(opt_cfg.lr, end, decay_steps)
+  elif opt_cfg.schedule == "step":
+    decay = optax.exponential_decay(opt_cfg.lr, int(opt_cfg.step_every), opt_cfg.step_rate, staircase=True)
   else:  # constant
     decay = optax.constant_schedule(opt_cfg.lr)
   if warmup == 0:
