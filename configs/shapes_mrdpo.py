@@ -63,7 +63,9 @@ temperature, min_gap, dpo_steps (per round), gt (ground-truth weight), sft_steps
 rebirth_steps, distill (rebirth prompts), filter_max, controls (add the controls), stop, margin, val
 (the stop rule and its validation videos), lr_decay (round r trains at 5e-4 x lr_decay^(r-1), in
 the fixed_ and gt0_ rounds too, and cont_sft and long step down the same way every K steps;
-1 = every round at 5e-4), seed (the run seed and the generated train / eval sets).
+1 = every round at 5e-4), scorer (the rounds' pair scorer: `shapes_caption`, or
+`shapes_caption_recall`, which counts missing events twice; filtered rebirth keeps
+`shapes_caption`), seed (the run seed and the generated train / eval sets).
 """
 import ml_collections
 
@@ -77,7 +79,8 @@ CAPTIONS = (("video_caption", 1.0), ("video_local_caption", 1.0))
 def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, rounds=3, eval=3000, prompts=256, cands=6, temperature=1.0, min_gap=0.0,
                         dpo_steps=60, gt=1.0, sft_steps=1500, rebirth_steps=120, distill=512, filter_max=0.0, controls=True,
-                        stop=False, margin=0.02, val=1500, lr_decay=1.0, seed=0)
+                        stop=False, margin=0.02, val=1500, lr_decay=1.0, scorer="shapes_caption",
+                        seed=0)
   if not 0 < args.lr_decay <= 1:
     raise core.ConfigError(f"config arg lr_decay={args.lr_decay!r} is not valid; it multiplies each later round's "
                            "learning rate and must lie in (0, 1]")
@@ -102,7 +105,7 @@ def get_config(arg=None):
   K, R = steps(args.dpo_steps), args.rounds
   c.dpo.update(beta=0.1, loss_type="sigmoid", gt_weight=args.gt, reference="adapter_base", online=True,
                num_prompts=count(args.prompts), num_candidates=args.cands, temperature=args.temperature,
-               min_score_gap=args.min_gap, max_new_tokens=48, scorer="shapes_caption",
+               min_score_gap=args.min_gap, max_new_tokens=48, scorer=args.scorer,
                prompt_data=dict(pool_mix=CAPTIONS))
   lora_stage = dict(lora=dict(targets=ALL_PROJECTIONS), trainable=("lora/.*",))
   dpo_round = dict(lora_stage, objective="dpo", steps=K, optimizer=dict(lr=5e-4, warmup_steps=0, schedule="constant"))

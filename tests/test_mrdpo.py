@@ -77,6 +77,28 @@ def test_question_accuracy_is_scored_apart_from_captions():
   assert scorers.shapes_caption_score(q, q["response"] + "x") == 1.0
 
 
+def test_recall_scorer_counts_missing_events_twice():
+  """A caption with its first clause only (missing events) and one with an invented clause
+  (hallucinated events): shapes_caption may rate them alike; shapes_caption_recall always
+  rates the shorter one worse by its missing rate."""
+  cap = next(r for r in _pool() if r["kind"] == "video_caption" and r["response"].count(", ") >= 1)
+  clauses = cap["response"].rstrip(".").split(", ")
+  short = clauses[0] + "."
+  invented = cap["response"].rstrip(".") + ", then a red circle appears at the bottom right."
+  for answer in (short, invented, cap["response"]):
+    m = scorers.captions.caption_metrics(answer, cap["facts"], "video")
+    base = scorers.shapes_caption_score(cap, answer)
+    assert base == pytest.approx(m["missing"] + m["hallucination"] + m["repetition"])
+    assert scorers.shapes_caption_recall_score(cap, answer) == pytest.approx(base + m["missing"])
+  assert scorers.shapes_caption_recall_score(cap, short) > scorers.shapes_caption_score(cap, short) > 0
+  assert scorers.shapes_caption_recall_score(cap, cap["response"]) == 0.0
+  q = next(r for r in _pool() if r["kind"] == "video_qa")  # questions: right or wrong, as before
+  assert scorers.shapes_caption_recall_score(q, q["response"] + "x") == 1.0
+  _, config = load(CONFIG, "scorer=shapes_caption_recall")
+  assert config.dpo.scorer == "shapes_caption_recall"
+  assert core.stage_config(config, "rebirth_filtered").distill_scorer == "shapes_caption"
+
+
 def _mrdpo(arg=SMALL):
   _, c = load(CONFIG, arg)
   c.model.update(n_layers=1)

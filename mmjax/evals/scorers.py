@@ -9,11 +9,21 @@ from mmjax.evals import captions
 def shapes_caption_score(record: dict, answer: str) -> float:
   """missing + hallucination + repetition of a shapes caption against its atomic facts (a
   shapes question: 0 when the answer is right, else 1)."""
+  return _caption_score(record, answer, missing_weight=1.0)
+
+
+def shapes_caption_recall_score(record: dict, answer: str) -> float:
+  """shapes_caption with missing events counted twice: 2 x missing + hallucination + repetition
+  (prefers captions that leave out less, for rounds that learn to drop events)."""
+  return _caption_score(record, answer, missing_weight=2.0)
+
+
+def _caption_score(record: dict, answer: str, missing_weight: float) -> float:
   if record.get("kind") in shapes.QA_TASKS:
     return exact_match_score(record, answer)
   kind = "video" if record.get("kind") in shapes.VIDEO_TASKS else "image"
   m = captions.caption_metrics(answer, record["facts"], kind)
-  return float(m["missing"] + m["hallucination"] + m["repetition"])
+  return float(missing_weight * m["missing"] + m["hallucination"] + m["repetition"])
 
 
 def exact_match_score(record: dict, answer: str) -> float:
@@ -36,6 +46,7 @@ def edit_distance_score(record: dict, answer: str) -> float:
 
 SCORERS = {  # name -> fn(record, answer) -> float, lower is better
     "shapes_caption": shapes_caption_score,
+    "shapes_caption_recall": shapes_caption_recall_score,
     "exact_match": exact_match_score,
     "edit_distance": edit_distance_score,
 }
