@@ -1,4 +1,6 @@
 """Caption metrics over atomic facts: parser and hand-written cases."""
+import json
+
 import pytest
 
 from mmjax.data import shapes
@@ -147,3 +149,12 @@ def test_generation_score_breaks_question_answers_down_by_kind():
   out = generation.score(recs, ["2", "left", " 1 "])
   assert out == {"gen_exact_match": 2 / 3, "gen_exact_count": 1.0, "gen_exact_position": 0.0}
   assert generation.score(recs[:1], ["3"]) == {"gen_exact_match": 0.0}  # one kind: no breakdown
+
+
+def test_answer_rows_give_each_record_its_prompt_truth_and_answer():
+  from mmjax.evals import generation
+  recs = [dict(kind="vqa", prompt="how many?", response="2"),
+          dict(messages=[dict(role="user", content="describe."), dict(role="assistant", content="a red circle.")])]
+  rows = [json.loads(l) for l in generation.answer_rows(recs, ["3", "a red circle."]).splitlines()]
+  assert rows == [dict(kind="vqa", prompt="how many?", truth="2", answer="3"),
+                  dict(kind="", prompt="describe.", truth="a red circle.", answer="a red circle.")]

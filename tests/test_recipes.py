@@ -19,6 +19,10 @@ def test_shapes_vlm_recipe_end_to_end(tmp_path):
     assert key in after, key
   assert os.path.getsize(tmp_path / "loss_curves.png") > 1000
   assert "truth:" in r.stdout and "model:" in r.stdout
+  rows = [json.loads(l) for l in open(tmp_path / "stages" / "finetune" / "answers.jsonl")]  # every scored answer
+  assert len(rows) == 4 and {"kind", "prompt", "truth", "answer"} <= set(rows[0])
+  exact = sum(r["answer"].strip() == r["truth"].strip() for r in rows) / len(rows)
+  assert exact == pytest.approx(after["gen_exact_match"])
   # a restart finds both stages done and trains nothing
   again = run_main(["--config", "configs/shapes_vlm.py:scale=0.02,eval=4", "--config.sample_eval.max_new_tokens=24",
                     "--config.stages.finetune.sample_eval.max_new_tokens=24", "--workdir", str(tmp_path)])

@@ -8,7 +8,7 @@ shapes caption records (with atomic `facts`) also score missing, hallucination, 
 `error` (with its standard error over captions, `error_se`) and repetition rates through
 `mmjax.evals.captions`, per caption and micro-averaged (`micro_*`); local video captions (of
 a frame interval) score the same rates, with exact match, as `local_*`, global ones as
-above.
+above. After a run's final evaluation, `answer_rows` are written to `WORKDIR/answers.jsonl`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import hashlib
 import jax
 import numpy as np
 
-from mmjax import sample
+from mmjax import files, sample
 from mmjax.config.core import ConfigError
 from mmjax.data import catalog, media, pipeline, pixels, shapes, steps
 from mmjax.evals import captions
@@ -141,6 +141,13 @@ def caption_rates(caps: list[dict], exact: bool = False) -> dict:
   if exact:
     out["exact_match"] = agg["exact_match"]
   return out
+
+
+def answer_rows(records, answers) -> str:
+  """JSON lines, one per scored record: its kind, prompt, reference and the model's answer
+  (a stage's `answers.jsonl`)."""
+  return files.jsonl({"kind": r.get("kind", ""), "prompt": pipeline.question(r), "truth": pipeline.reference(r),
+                      "answer": a} for r, a in zip(records, answers))
 
 
 def evaluate_generation(run, variables, tokenizer, records, *, max_new_tokens: int, batch: int):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import files
 from mmjax import lora as lora_lib
 from mmjax.data import pipeline
 from mmjax.evals import generation
@@ -214,6 +215,8 @@ def train_stage(config, workdir: str, mesh, tokenizer, base_params=None, label: 
       if "eval_before" in summary:
         writer.line(_before_after(summary["eval_before"], summary["eval_after"], start,
                                   int(jax.device_get(state.step))))
+      if answers and jax.process_index() == 0:  # every scored answer, for reading and re-scoring
+        files.atomic_write(os.path.join(workdir, "answers.jsonl"), generation.answer_rows(gen_records, answers))
       for r, a in list(zip(gen_records, answers))[:config.sample_eval.show]:
         writer.line(f"{prefix}prompt: {pipeline.question(r)!r}\n  truth: {pipeline.reference(r)!r}\n  model: {a!r}")
       summary["answers"] = answers
