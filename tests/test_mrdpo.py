@@ -278,14 +278,43 @@ def test_mrdpo_report_says_what_the_stop_rule_kept(tmp_path):
           "seed 0: kept 2 of 2; seed 1: kept 1 of 2 (dpo_2 rejected: 0.6100 against sft's 0.6600)") in out
 
 
+def _drop(root, seed, *stages):
+  path = root / f"seed_{seed}" / "results.json"
+  data = json.loads(path.read_text())
+  for stage in stages:
+    del data[stage]
+  path.write_text(json.dumps(data))
+
+
 def test_mrdpo_report_names_what_a_run_lacks(tmp_path):
   _write_seed(tmp_path, 0)
-  data = json.loads((tmp_path / "seed_0" / "results.json").read_text())
-  del data["cont_sft"]
-  (tmp_path / "seed_0" / "results.json").write_text(json.dumps(data))
+  _write_seed(tmp_path, 1)
+  _drop(tmp_path, 1, "cont_sft")  # one seed without a control the other has
   r = subprocess.run([sys.executable, "tools/mrdpo_report.py", "--workdir", str(tmp_path)], cwd=ROOT,
                      env=subprocess_env(1), capture_output=True, text=True, timeout=120)
-  assert r.returncode != 0 and "no error for stage 'cont_sft'" in (r.stderr + r.stdout)
+  assert r.returncode != 0 and "seed 1's results.json has no cont_sft stage (seeds [0] have one)" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+  _drop(tmp_path, 0, "cont_sft", "sft")
+  _drop(tmp_path, 1, "sft")  # sft is required, even where no seed ran it
+  r = subprocess.run([sys.executable, "tools/mrdpo_report.py", "--workdir", str(tmp_path)], cwd=ROOT,
+                     env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "seed 0's results.json has no sft stage; stages: dpo_2" in r.stderr
+
+
+def test_mrdpo_report_of_a_run_without_controls(tmp_path):
+  """controls=False (and no rebirth): the rounds against sft only; the checks that need a
+  missing arm read 'not run'."""
+  for seed in (0, 1):
+    _write_seed(tmp_path, seed)
+    _drop(tmp_path, seed, "cont_sft", "long", "fixed_1", "fixed_2", "gt0_1", "gt0_2", "rebirth", "rebirth_filtered")
+  out = _report(tmp_path)
+  assert re.search(r"\nseed\s+sft\s+dpo\n", out)  # the tables hold only the arms run
+  assert re.search(r"holds\s+global error: dpo_R <= 0.75 x sft", out)
+  for check in ("global error: dpo_R <= 0.85 x cont_sft", "rounds: dpo_R <= 0.95 x long", "rebirth: keeps"):
+    assert re.search(r"not run\s+" + re.escape(check), out), check
+  assert "video QA: dpo_R - sft = -0.0200 ± 0.0000\n" in out and "continued SFT" not in out
+  _write_seed(tmp_path / "full", 0)
+  assert "dpo_R / long per seed = 0.75" in _report(tmp_path / "full")  # a control's ratio when it ran
 
 
 @pytest.mark.slow

@@ -17,9 +17,12 @@ filtered); then the paper's targets (issue 16) as holds / does not hold:
   rounds         dpo_R <= 0.95 x long on every seed (global error)
   rebirth        rebirth keeps >= 60% of dpo_R's global-error reduction (sft - rebirth >=
                  0.6 (sft - dpo_R)) with its QA accuracy within 0.02 of sft's, on every seed
-and, as measured (no target): the DPO policy's QA accuracy against sft's, fixed_R and gt0_R
-against dpo_R, filtered against unfiltered rebirth; for a run with the stop rule (`stop=True`),
-the rounds it kept on each seed (dpo_R is then the kept policy).
+and, as measured (no target): the DPO policy's QA accuracy against sft's, each control against
+dpo_R (difference and per-seed ratio), filtered against unfiltered rebirth; for a run with the
+stop rule (`stop=True`), the rounds it kept on each seed (dpo_R is then the kept policy).
+sft and the rounds are required; a control or rebirth that no seed ran (`controls=False`, a
+shorter `stage_order`) is left out of the tables and its target reads "not run"; one that only
+some seeds finished is a one-line error.
 
 Writes W/mrdpo_report.txt (and prints it).
 """
@@ -37,49 +40,60 @@ from mmjax.recipes.claims import ReportError, after, mean_sd, publish, seed_resu
 METRICS = (("error", "global error"), ("local_error", "local error"), ("repetition", "repetition"),
            ("qa_exact_match", "video QA accuracy"))
 ARMS = ("sft", "dpo", "cont_sft", "long", "fixed", "gt0", "rebirth", "rebirth_filtered")
+REQUIRED = ("sft", "dpo")  # every seed has them; the other arms are reported where every seed ran them
 
 
-def last_round(results: dict, prefix: str) -> str:
-  """The last stage named PREFIX_r in a results.json (the recipe's final round)."""
-  names = [k for k in results if k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit()]
-  if not names:
-    raise ReportError(f"results.json has no {prefix}_R stage; stages: {', '.join(k for k in results if k[0] != '_')}")
-  return max(names, key=lambda k: int(k[len(prefix) + 1:]))
-
-
-def stage_names(results: dict) -> dict:
-  """Arm -> stage name in one seed's results."""
-  return {arm: last_round(results, arm) if arm in ("dpo", "fixed", "gt0") else arm for arm in ARMS}
+def stage_name(results: dict, arm: str) -> str | None:
+  """The stage that stands for `arm` in one seed's results, or None when the run has none."""
+  if arm in ("dpo", "fixed", "gt0"):
+    names = [k for k in results if k.startswith(arm + "_") and k[len(arm) + 1:].isdigit()]
+    return max(names, key=lambda k: int(k[len(arm) + 1:])) if names else None
+  return arm if arm in results else None
 
 
 def seed_rows(workdir: str) -> dict:
-  """{metric: [one dict per seed: each arm's value]}."""
+  """{metric: [one dict per seed: each arm's value]}, over the arms every seed ran (a run with
+  `controls=False` or a shortened stage_order reports sft, the rounds and what else it has)."""
+  seeds = seed_results(workdir)
+  names = {seed: {arm: stage_name(results, arm) for arm in ARMS} for seed, _, results in seeds}
+  arms = []
+  for arm in ARMS:
+    have = [seed for seed in names if names[seed][arm]]
+    lacking = [seed for seed in names if not names[seed][arm]]
+    if lacking and (arm in REQUIRED or have):
+      results = next(r for s, _, r in seeds if s == lacking[0])
+      raise ReportError(f"seed {lacking[0]}'s results.json has no {arm if arm != 'dpo' else 'dpo_R'} stage"
+                        f"{f' (seeds {have} have one)' if have else ''}; stages: "
+                        f"{', '.join(k for k in results if not k.startswith('_'))}; rerun tools/seeds.py to complete it")
+    if have:
+      arms.append(arm)
   out = {m: [] for m, _ in METRICS}
-  for seed, _, results in seed_results(workdir):
-    names = stage_names(results)
+  for seed, _, results in seeds:
     for m, _ in METRICS:
-      out[m].append(dict(seed=seed, **{arm: after(results, names[arm], m) for arm in ARMS}))
+      out[m].append(dict(seed=seed, **{arm: after(results, names[seed][arm], m) for arm in arms}))
   return out
 
 
 def checks(rows: dict) -> tuple[list, list]:
-  """(target checks as (text, ok) pairs, measured lines)."""
+  """(target checks as (text, ok) pairs, ok None where the run lacks an arm the check needs;
+  measured lines)."""
+  ran = set(rows["error"][0]) - {"seed"}
   every = lambda m, test: all(test(r) for r in rows[m])
   rep = [r for r in rows["repetition"] if r["sft"] >= 0.05]
   gain = lambda i: rows["error"][i]["sft"] - rows["error"][i]["dpo"]
   kept = lambda i: rows["error"][i]["sft"] - rows["error"][i]["rebirth"]
   n = len(rows["error"])
+  needs = lambda arm, check: check() if arm in ran else None
   out = [
       ("global error: dpo_R <= 0.75 x sft on every seed", every("error", lambda r: r["dpo"] <= 0.75 * r["sft"])),
       ("global error: dpo_R <= 0.85 x cont_sft on every seed",
-       every("error", lambda r: r["dpo"] <= 0.85 * r["cont_sft"])),
+       needs("cont_sft", lambda: every("error", lambda r: r["dpo"] <= 0.85 * r["cont_sft"]))),
       ("local error: dpo_R <= 0.85 x sft on every seed", every("local_error", lambda r: r["dpo"] <= 0.85 * r["sft"])),
       ("rounds: dpo_R <= 0.95 x long (global error) on every seed",
-       every("error", lambda r: r["dpo"] <= 0.95 * r["long"])),
+       needs("long", lambda: every("error", lambda r: r["dpo"] <= 0.95 * r["long"]))),
       ("rebirth: keeps >= 60% of the global-error reduction and QA within 0.02 of sft, on every seed",
-       all(gain(i) > 0 and kept(i) >= 0.6 * gain(i) and abs(rows["qa_exact_match"][i]["rebirth"] -
-                                                           rows["qa_exact_match"][i]["sft"]) <= 0.02
-           for i in range(n))),
+       needs("rebirth", lambda: all(gain(i) > 0 and kept(i) >= 0.6 * gain(i) and abs(
+           rows["qa_exact_match"][i]["rebirth"] - rows["qa_exact_match"][i]["sft"]) <= 0.02 for i in range(n)))),
   ]
   if rep:
     out.insert(3, (f"repetition: dpo_R <= 0.7 x sft on every seed with sft >= 0.05 ({len(rep)} of {n})",
@@ -87,12 +101,19 @@ def checks(rows: dict) -> tuple[list, list]:
   measured = [f"repetition target not testable on {n - len(rep)} seed(s): sft's repetition < 0.05"] if len(rep) < n \
       else []
   diff = lambda m, a, b: mean_sd([r[a] - r[b] for r in rows[m]])
-  measured += [f"video QA: dpo_R - sft = {diff('qa_exact_match', 'dpo', 'sft')}, "
-               f"rebirth - sft = {diff('qa_exact_match', 'rebirth', 'sft')}",
-               f"global error: fixed_R - dpo_R = {diff('error', 'fixed', 'dpo')} (no LoRA proxy), "
-               f"gt0_R - dpo_R = {diff('error', 'gt0', 'dpo')} (no ground-truth term)",
-               f"global error: rebirth_filtered - rebirth = {diff('error', 'rebirth_filtered', 'rebirth')}",
-               rebirth_share(rows, gain, kept)]
+  measured.append(f"video QA: dpo_R - sft = {diff('qa_exact_match', 'dpo', 'sft')}"
+                  + (f", rebirth - sft = {diff('qa_exact_match', 'rebirth', 'sft')}" if "rebirth" in ran else ""))
+  ratios = lambda arm: " / ".join(f"{r['dpo'] / r[arm]:.2f}" for r in rows["error"])
+  for arm, what in (("cont_sft", "continued SFT"), ("long", "one long round"), ("fixed", "no LoRA proxy"),
+                    ("gt0", "no ground-truth term")):
+    if arm in ran:
+      name = arm if arm in ("cont_sft", "long") else f"{arm}_R"
+      measured.append(f"global error: {name} - dpo_R = {diff('error', arm, 'dpo')} ({what}); "
+                      f"dpo_R / {name} per seed = {ratios(arm)}")
+  if {"rebirth", "rebirth_filtered"} <= ran:
+    measured.append(f"global error: rebirth_filtered - rebirth = {diff('error', 'rebirth_filtered', 'rebirth')}")
+  if "rebirth" in ran:
+    measured.append(rebirth_share(rows, gain, kept))
   return out, measured
 
 
@@ -126,8 +147,9 @@ def stop_line(stops: list[tuple[int, dict]]) -> str:
 
 def report(rows: dict, stops: list[tuple[int, dict]] = ()) -> str:
   lines = []
+  arms = [a for a in ARMS if a in rows["error"][0]]
   for m, title in METRICS:
-    lines += table(f"{title} ({m}; {len(rows[m])} seeds; dpo/fixed/gt0 = the last round)", rows[m], ARMS, width=17)
+    lines += table(f"{title} ({m}; {len(rows[m])} seeds; dpo/fixed/gt0 = the last round)", rows[m], arms, width=17)
     lines.append("")
   targets, measured = checks(rows)
   lines += verdicts(targets)

@@ -61,8 +61,10 @@ def table(title: str, rows: list[dict], columns, width: int = 21) -> list[str]:
 
 
 def verdicts(checks) -> list[str]:
-  """'holds' / 'does not hold' lines of (text, ok) pairs."""
-  return [f"{'holds' if ok else 'does not hold':<14} {text}" for text, ok in checks]
+  """'holds' / 'does not hold' lines of (text, ok) pairs; 'not run' where ok is None (the run
+  lacks an arm the check needs)."""
+  word = lambda ok: "not run" if ok is None else "holds" if ok else "does not hold"
+  return [f"{word(ok):<14} {text}" for text, ok in checks]
 
 
 def publish(workdir: str, name: str, text: str) -> None:
