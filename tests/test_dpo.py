@@ -329,5 +329,7 @@ def test_chunked_logits_give_the_same_dpo_steps(tmp_path):
     out.append(ms)
   for full, chunked in zip(*out):
     assert full.keys() == chunked.keys()
-    for k in full:
-      np.testing.assert_allclose(chunked[k], full[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    for k in full:  # reward_accuracy counts chosen > rejected: a step function that rounding flips at a
+      if k != "reward_accuracy":  # near-tie (step 1 starts at policy = reference); the rewards themselves:
+        np.testing.assert_allclose(chunked[k], full[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    assert {"reward_margin", "chosen_reward"} <= set(full)
