@@ -137,6 +137,48 @@ def test_online_pairs_ask_for_captions_only_and_keep_the_minimum_gap(monkeypatch
     recipe_pairs.online_pairs(wide, None, None, None, "dpo_1")
 
 
+def test_matched_pairs_compare_candidates_of_similar_length():
+  answers = ["a b c d", "a b", "a b c x", "a b c d e f g h"]
+  scores = [0.0, 1.0, 1.5, 2.0]
+  ok = [0, 1, 2, 3]
+  assert recipe_pairs.matched_pair(answers, scores, ok, 0.1, 0.0) == (0, 2)  # equal lengths only: 4 words each
+  assert recipe_pairs.matched_pair(answers, scores, ok, 0.5, 0.0) == (0, 3)  # 4 vs 8 words is within half of 8
+  assert recipe_pairs.matched_pair(answers, scores, ok, 0.1, 1.6) is None  # the matched pair's gap is 1.5
+  assert recipe_pairs.matched_pair(["a b", "a b"], [0.0, 1.0], [0, 1], 0.1, 0.0) is None  # equal texts never pair
+  assert recipe_pairs.matched_pair(answers, [0.0, 0.0, 1.5, 1.5], [0, 1, 2], 0.5, 0.0) == (0, 2)  # ties: earlier
+
+
+def test_online_matched_pairs_never_reward_a_shorter_caption_for_its_length(monkeypatch):
+  """Scripted candidates: the truth, its first clause alone (shorter: misses events) and the
+  truth with a repeated clause (longer). `any` pairs the truth with either; `matched` (10%)
+  finds no pair of similar length among them, and at 40% only the truth vs the repeat."""
+  c = stages.stage_config(_mrdpo(), "dpo_1")
+  for length, tolerance in (("any", 0.1), ("matched", 0.4), ("matched", 0.1)):
+    calls = iter(range(100))
+    monkeypatch.setattr(generation, "generate_answers",
+                        lambda run, variables, records, tokenizer, **kw: _scripted_answers(records, next(calls)))
+    m = core.derive(c, {"dpo.pair_length": length, "dpo.length_tolerance": tolerance})
+    if tolerance == 0.1 and length == "matched":
+      with pytest.raises(recipe_pairs.AllTiesError):
+        recipe_pairs.online_pairs(m, None, None, None, "dpo_1")
+      continue
+    pairs = recipe_pairs.online_pairs(m, None, None, None, "dpo_1")
+    assert pairs and all(p["chosen"] == p["ground_truth"] for p in pairs)
+    short = [p for p in pairs if len(p["rejected"].split()) < len(p["chosen"].split())]
+    if length == "any":
+      assert short  # the first clause alone is the worst candidate of some captions
+    else:
+      assert not short and all(abs(len(p["rejected"].split()) - len(p["chosen"].split()))
+                               <= tolerance * len(p["rejected"].split()) for p in pairs)
+  assert "mean words chosen" in recipe_pairs.pair_summary(pairs)
+  for key, value, want in (("dpo.pair_length", "same", r"config.dpo.pair_length='same'"),
+                           ("dpo.length_tolerance", 1.0, r"config.dpo.length_tolerance=1.0 must be in \[0, 1\)")):
+    with pytest.raises(core.ConfigError, match=want):
+      schema.validate(core.derive(c, {key: value}), 1)
+  _, config = load(CONFIG, "pair_length=matched,length_tolerance=0.2")
+  assert (config.dpo.pair_length, config.dpo.length_tolerance) == ("matched", 0.2)
+
+
 def test_bad_prompt_and_distill_data_are_one_line_errors():
   c = _mrdpo()
   c.stages.dpo_1.dpo = ml_collections.ConfigDict({"prompt_data": {"pool_mixx": ()}})

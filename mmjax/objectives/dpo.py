@@ -44,6 +44,7 @@ NAME = "dpo"
 FAMILIES = ("llama", "vlm")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "apo_zero")
 REFERENCES = ("adapter_base", "precomputed", "copy")
+PAIR_LENGTHS = ("any", "matched")  # online pair choice: best vs worst, or the widest gap of similar length
 ROW_FIELDS = ("tokens", "targets", "mask", "segment_ids", "positions")
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -71,6 +72,8 @@ def config_dict() -> dict:
       max_new_tokens=64,  # online: candidate length limit
       scorer="shapes_caption",  # online: how candidates are scored (lower is better); see mmjax/evals/scorers.py
       min_score_gap=0.0,  # online: a pair needs worst - best score > this (0 = any difference; ties never pair)
+      pair_length="any",  # online: 'any' (best vs worst) or 'matched' (the widest-gap pair of similar length)
+      length_tolerance=0.1,  # online, 'matched': word counts within this fraction of the longer one's
       prompt_data=ml_collections.ConfigDict(),  # online: data overrides of the prompts' train set (e.g. captions
       #                                           only, while config.data, the evaluation data, also asks questions)
   ))}
@@ -115,6 +118,10 @@ def validate(config, env) -> None:
     check_choice("dpo.scorer", d.scorer, tuple(scorers.SCORERS))
     if not d.min_score_gap >= 0:
       raise ConfigError(f"config.dpo.min_score_gap={d.min_score_gap!r} must be >= 0")
+    check_choice("dpo.pair_length", d.pair_length, PAIR_LENGTHS)
+    if not 0 <= d.length_tolerance < 1:
+      raise ConfigError(f"config.dpo.length_tolerance={d.length_tolerance!r} must be in [0, 1): the largest "
+                        "difference of a pair's word counts, as a fraction of the longer one's")
     catalog.overridden(config.data, d.prompt_data, "dpo.prompt_data", env.files)
   elif config.data.source != "jsonl":
     raise ConfigError(f"config.objective='dpo' with config.dpo.online=False reads pairs from JSONL; "

@@ -6,7 +6,10 @@ answers to `dpo.num_prompts` train prompts (of `config.data` with the `dpo.promp
 overrides; a function of the seed and the stage name, so each round draws its own); a
 scorer (`mmjax.evals.scorers`) ranks them, and best (chosen) vs worst (rejected) per prompt
 become a pair with the record's ground truth when their scores differ by more than
-`dpo.min_score_gap` (ties and empty answers skipped). With the 'precomputed' reference, each
+`dpo.min_score_gap` (ties and empty answers skipped). With `dpo.pair_length='matched'` the
+pair is instead the two candidates of similar length (word counts within
+`dpo.length_tolerance` of the longer one's) whose scores differ most, so a pair cannot
+teach the policy to say less (or more) rather than to say it right. With the 'precomputed' reference, each
 pair also gets the reference log-probs of both responses: the starting policy's, its adapter
 included (a stage that continues an earlier stage's adapter, `continue_adapter`, so has that
 policy as its reference; a fresh adapter adds zero). The pairs go to STAGE_DIR/pairs.jsonl
@@ -75,8 +78,14 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
     ok = [k for k, a in enumerate(answers) if a.strip()]  # empty answers make no training row
     if len(ok) < 2:
       continue
-    best = min(ok, key=lambda k: scores[k])
-    worst = max(ok, key=lambda k: scores[k])
+    if d.pair_length == "matched":
+      found = matched_pair(answers, scores, ok, d.length_tolerance, d.min_score_gap)
+      if found is None:
+        continue
+      best, worst = found
+    else:
+      best = min(ok, key=lambda k: scores[k])
+      worst = max(ok, key=lambda k: scores[k])
     if scores[worst] - scores[best] <= d.min_score_gap or answers[best] == answers[worst]:  # gap >= 0: ties never pair
       continue
     pairs.append({"id": f"{label}/{i}", "index": i, **pairs_lib.prompt_of(r), "chosen": answers[best],
@@ -90,13 +99,37 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
   return pairs
 
 
+def words(text: str) -> int:
+  return len(text.split())
+
+
+def matched_pair(answers: list[str], scores: list[float], ok: list[int], tolerance: float,
+                 min_gap: float) -> tuple[int, int] | None:
+  """(chosen, rejected) candidate indices of similar length (word counts within `tolerance` of
+  the longer one's) whose scores differ most, by more than `min_gap`; ties go to the lower
+  chosen score, then the earlier candidates. None when no such pair exists."""
+  found, key = None, None
+  for a in ok:
+    for b in ok:
+      gap = scores[b] - scores[a]
+      la, lb = words(answers[a]), words(answers[b])
+      if gap <= min_gap or answers[a] == answers[b] or abs(la - lb) > tolerance * max(la, lb):
+        continue
+      k = (-gap, scores[a], a, b)
+      if key is None or k < key:
+        found, key = (a, b), k
+  return found
+
+
 def pair_summary(pairs: list[dict]) -> str:
   """'N pairs' with their mean chosen and rejected scores (online pairs)."""
   scored = [p["scores"] for p in pairs if isinstance(p.get("scores"), dict)]
   if not scored:
     return f"{len(pairs)} pairs"
   mean = lambda k: sum(s[k] for s in scored) / len(scored)
-  return f"{len(pairs)} pairs (mean score chosen {mean('chosen'):.3f}, rejected {mean('rejected'):.3f})"
+  length = lambda k: sum(words(p[k]) for p in pairs) / len(pairs)
+  return (f"{len(pairs)} pairs (mean score chosen {mean('chosen'):.3f}, rejected {mean('rejected'):.3f}; "
+          f"mean words chosen {length('chosen'):.1f}, rejected {length('rejected'):.1f})")
 
 
 def precompute_reference(run, variables, pairs, tokenizer, batch: int) -> list[dict]:
