@@ -18,3 +18,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first (stable otherwise): under `-n 2` the two workers then start the long
+  end-to-end runs early and finish together, instead of one worker running a long test alone
+  at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
