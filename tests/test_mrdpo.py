@@ -159,7 +159,8 @@ def test_online_matched_pairs_never_reward_a_shorter_caption_for_its_length(monk
                         lambda run, variables, records, tokenizer, **kw: _scripted_answers(records, next(calls)))
     m = core.derive(c, {"dpo.pair_length": length, "dpo.length_tolerance": tolerance})
     if tolerance == 0.1 and length == "matched":
-      with pytest.raises(recipe_pairs.AllTiesError):
+      with pytest.raises(recipe_pairs.AllTiesError, match=r"or none of similar length within "
+                                                          r"dpo.length_tolerance=0.1\), so there are no pairs"):
         recipe_pairs.online_pairs(m, None, None, None, "dpo_1")
       continue
     pairs = recipe_pairs.online_pairs(m, None, None, None, "dpo_1")

@@ -94,8 +94,11 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
   if not pairs:
     raise AllTiesError(
         f"stage {label!r}: all {len(records)} prompts gave {d.num_candidates} candidates with equal "
-        f"{d.scorer} scores (within dpo.min_score_gap={d.min_score_gap}, or empty answers), so there are no pairs "
-        f"to train on; raise config.dpo.temperature, config.dpo.num_candidates or config.dpo.num_prompts")
+        f"{d.scorer} scores (within dpo.min_score_gap={d.min_score_gap}, or empty answers"
+        + (f"; with dpo.pair_length='matched', or none of similar length within dpo.length_tolerance="
+           f"{d.length_tolerance}" if d.pair_length == "matched" else "")
+        + "), so there are no pairs to train on; raise config.dpo.temperature, config.dpo.num_candidates or "
+        "config.dpo.num_prompts")
   return pairs
 
 
