@@ -78,7 +78,7 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
     ok = [k for k, a in enumerate(answers) if a.strip()]  # empty answers make no training row
     if len(ok) < 2:
       continue
-    if d.pair_length == "matched":
+    if d.pair_length == "matched":  # checks the gap itself
       found = matched_pair(answers, scores, ok, d.length_tolerance, d.min_score_gap)
       if found is None:
         continue
@@ -86,8 +86,8 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
     else:
       best = min(ok, key=lambda k: scores[k])
       worst = max(ok, key=lambda k: scores[k])
-    if scores[worst] - scores[best] <= d.min_score_gap or answers[best] == answers[worst]:  # gap >= 0: ties never pair
-      continue
+      if scores[worst] - scores[best] <= d.min_score_gap or answers[best] == answers[worst]:  # ties never pair
+        continue
     pairs.append({"id": f"{label}/{i}", "index": i, **pairs_lib.prompt_of(r), "chosen": answers[best],
                   "rejected": answers[worst], "ground_truth": pipeline.reference(r),
                   "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores}})
@@ -112,11 +112,11 @@ def matched_pair(answers: list[str], scores: list[float], ok: list[int], toleran
   the longer one's) whose scores differ most, by more than `min_gap`; ties go to the lower
   chosen score, then the earlier candidates. None when no such pair exists."""
   found, key = None, None
+  n = {k: words(answers[k]) for k in ok}
   for a in ok:
     for b in ok:
       gap = scores[b] - scores[a]
-      la, lb = words(answers[a]), words(answers[b])
-      if gap <= min_gap or answers[a] == answers[b] or abs(la - lb) > tolerance * max(la, lb):
+      if gap <= min_gap or answers[a] == answers[b] or abs(n[a] - n[b]) > tolerance * max(n[a], n[b]):
         continue
       k = (-gap, scores[a], a, b)
       if key is None or k < key:
