@@ -68,6 +68,9 @@ the fixed_ and gt0_ rounds too, and cont_sft and long step down the same way eve
 `shapes_caption`), pair_length and length_tolerance (`matched`: each pair is the two
 candidates of similar length, word counts within length_tolerance of the longer one's, whose
 scores differ most, so no pair rewards a shorter caption for its length; `any`: best vs worst),
+rejected (`worst`: the worst candidate; `greedy`: the round's policy's own greedy caption, paired
+with the best candidate when that one scores better, so the pairs push down what the policy
+says rather than rare samples),
 seed (the run seed and the generated train / eval sets).
 """
 import ml_collections
@@ -83,7 +86,7 @@ def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, rounds=3, eval=3000, prompts=256, cands=6, temperature=1.0, min_gap=0.0,
                         dpo_steps=60, gt=1.0, sft_steps=1500, rebirth_steps=120, distill=512, filter_max=0.0, controls=True,
                         stop=False, margin=0.02, val=1500, lr_decay=1.0, scorer="shapes_caption",
-                        pair_length="any", length_tolerance=0.1, seed=0)
+                        pair_length="any", length_tolerance=0.1, rejected="worst", seed=0)
   if not 0 < args.lr_decay <= 1:
     raise core.ConfigError(f"config arg lr_decay={args.lr_decay!r} is not valid; it multiplies each later round's "
                            "learning rate and must lie in (0, 1]")
@@ -109,7 +112,7 @@ def get_config(arg=None):
   c.dpo.update(beta=0.1, loss_type="sigmoid", gt_weight=args.gt, reference="adapter_base", online=True,
                num_prompts=count(args.prompts), num_candidates=args.cands, temperature=args.temperature,
                min_score_gap=args.min_gap, max_new_tokens=48, scorer=args.scorer,
-               pair_length=args.pair_length, length_tolerance=args.length_tolerance,
+               pair_length=args.pair_length, length_tolerance=args.length_tolerance, rejected=args.rejected,
                prompt_data=dict(pool_mix=CAPTIONS))
   lora_stage = dict(lora=dict(targets=ALL_PROJECTIONS), trainable=("lora/.*",))
   dpo_round = dict(lora_stage, objective="dpo", steps=K, optimizer=dict(lr=5e-4, warmup_steps=0, schedule="constant"))

@@ -148,6 +148,48 @@ def test_matched_pairs_compare_candidates_of_similar_length():
   assert recipe_pairs.matched_pair(answers, [0.0, 0.0, 1.5, 1.5], [0, 1, 2], 0.5, 0.0) == (0, 2)  # ties: earlier
 
 
+def test_greedy_rejected_pairs_push_down_the_policys_own_answer():
+  d = core.derive(stages.stage_config(_mrdpo(), "dpo_1"), {"dpo.rejected": "greedy"}).dpo
+  answers = ["a b c d", "a b", "a b c x", "a b c d e f g h", "a b c y"]  # the last is the greedy answer
+  ok = [0, 1, 2, 3, 4]
+  assert recipe_pairs.choose_pair(answers, [0.5, 0.0, 1.5, 2.0, 1.0], ok, d, rejected=4) == (1, 4)  # best vs greedy
+  assert recipe_pairs.choose_pair(answers, [0.5, 0.0, 1.5, 2.0, 1.0], ok, d) == (1, 3)  # best vs worst
+  assert recipe_pairs.choose_pair(answers, [0.5, 0.5, 1.5, 2.0, 0.0], ok, d, rejected=4) is None  # greedy is best
+  assert recipe_pairs.choose_pair(answers, [0.5, 0.5, 1.5, 2.0, 0.5], ok, d, rejected=4) is None  # a tie
+  assert recipe_pairs.choose_pair(answers, [0.5, 0.0, 1.5, 2.0, 1.0], [0, 1, 2, 3], d, rejected=4) is None  # empty
+  matched = core.derive(stages.stage_config(_mrdpo(), "dpo_1"), {"dpo.pair_length": "matched"}).dpo
+  # of similar length to the greedy answer (4 words): candidates 0 and 2 only
+  assert recipe_pairs.choose_pair(answers, [0.5, 0.0, 1.5, 2.0, 1.0], ok, matched, rejected=4) == (0, 4)
+
+
+def test_online_greedy_rejected_pairs(monkeypatch):
+  """Scripted policy whose greedy caption (temperature 0) is its first clause alone: every pair
+  rejects exactly that caption and chooses the truth; a greedy caption equal to the truth
+  makes no pair (AllTiesError names the rejected rule)."""
+  c = core.derive(stages.stage_config(_mrdpo(), "dpo_1"), {"dpo.rejected": "greedy"})
+  calls, temps = iter(range(100)), []
+
+  def answers(run, variables, records, tokenizer, temperature=0.0, **kw):
+    temps.append(temperature)
+    return _scripted_answers(records, 1 if temperature == 0 else next(calls))
+
+  monkeypatch.setattr(generation, "generate_answers", answers)
+  pairs = recipe_pairs.online_pairs(c, None, None, None, "dpo_1")
+  assert temps == [c.dpo.temperature] * c.dpo.num_candidates + [0.0]
+  assert pairs and all(p["chosen"] == p["ground_truth"] for p in pairs)
+  assert all(p["rejected"] == p["ground_truth"].rstrip(".").split(", ")[0] + "." for p in pairs)
+  assert all(p["scores"]["greedy"] == p["scores"]["rejected"] and len(p["scores"]["all"]) == c.dpo.num_candidates
+             for p in pairs)
+  monkeypatch.setattr(generation, "generate_answers", lambda run, variables, records, tokenizer, temperature=0.0, **kw:
+                      _scripted_answers(records, 0 if temperature == 0 else 1))
+  with pytest.raises(recipe_pairs.AllTiesError, match=r"with dpo.rejected='greedy', no greedy answer worse"):
+    recipe_pairs.online_pairs(c, None, None, None, "dpo_1")
+  with pytest.raises(core.ConfigError, match=r"config.dpo.rejected='best'"):
+    schema.validate(core.derive(c, {"dpo.rejected": "best"}), 1)
+  _, config = load(CONFIG, "rejected=greedy")
+  assert config.dpo.rejected == "greedy"
+
+
 def test_online_matched_pairs_never_reward_a_shorter_caption_for_its_length(monkeypatch):
   """Scripted candidates: the truth, its first clause alone (shorter: misses events) and the
   truth with a repeated clause (longer). `any` pairs the truth with either; `matched` (10%)

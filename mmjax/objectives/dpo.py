@@ -45,6 +45,7 @@ FAMILIES = ("llama", "vlm")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "apo_zero")
 REFERENCES = ("adapter_base", "precomputed", "copy")
 PAIR_LENGTHS = ("any", "matched")  # online pair choice: best vs worst, or the widest gap of similar length
+PAIR_REJECTED = ("worst", "greedy")  # online: the rejected answer is the worst candidate, or the greedy answer
 ROW_FIELDS = ("tokens", "targets", "mask", "segment_ids", "positions")
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -74,6 +75,8 @@ def config_dict() -> dict:
       min_score_gap=0.0,  # online: a pair needs worst - best score > this (0 = any difference; ties never pair)
       pair_length="any",  # online: 'any' (best vs worst) or 'matched' (the widest-gap pair of similar length)
       length_tolerance=0.1,  # online, 'matched': word counts within this fraction of the longer one's
+      rejected="worst",  # online: 'worst' (a sampled candidate) or 'greedy' (the policy's greedy answer, paired
+      #                    with the best sampled candidate when that one scores better)
       prompt_data=ml_collections.ConfigDict(),  # online: data overrides of the prompts' train set (e.g. captions
       #                                           only, while config.data, the evaluation data, also asks questions)
   ))}
@@ -119,6 +122,7 @@ def validate(config, env) -> None:
     if not d.min_score_gap >= 0:
       raise ConfigError(f"config.dpo.min_score_gap={d.min_score_gap!r} must be >= 0")
     check_choice("dpo.pair_length", d.pair_length, PAIR_LENGTHS)
+    check_choice("dpo.rejected", d.rejected, PAIR_REJECTED)
     if not 0 <= d.length_tolerance < 1:
       raise ConfigError(f"config.dpo.length_tolerance={d.length_tolerance!r} must be in [0, 1): the largest "
                         "difference of a pair's word counts, as a fraction of the longer one's")

@@ -9,7 +9,11 @@ become a pair with the record's ground truth when their scores differ by more th
 `dpo.min_score_gap` (ties and empty answers skipped). With `dpo.pair_length='matched'` the
 pair is instead the two candidates of similar length (word counts within
 `dpo.length_tolerance` of the longer one's) whose scores differ most, so a pair cannot
-teach the policy to say less (or more) rather than to say it right. With the 'precomputed' reference, each
+teach the policy to say less (or more) rather than to say it right. With `dpo.rejected='greedy'`
+the rejected answer is the policy's own greedy answer (its mode, what evaluation scores) and
+the chosen one the best sampled candidate (of similar length with 'matched'), so each pair
+pushes down what the policy would say rather than a rare sample; prompts whose greedy answer
+is already as good as every candidate make no pair. With the 'precomputed' reference, each
 pair also gets the reference log-probs of both responses: the starting policy's, its adapter
 included (a stage that continues an earlier stage's adapter, `continue_adapter`, so has that
 policy as its reference; a fresh adapter adds zero). The pairs go to STAGE_DIR/pairs.jsonl
@@ -60,8 +64,9 @@ def prompt_indices(n_source: int, n: int, seed: int, label: str) -> list[int]:
 
 def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
   """Samples `dpo.num_candidates` answers per prompt from `variables`, scores them and keeps
-  best (chosen) vs worst (rejected) per prompt, skipping ties (and empty answers). Raises
-  AllTiesError when no prompt gives a pair."""
+  best (chosen) vs worst (rejected) per prompt (`choose_pair`; with `dpo.rejected='greedy'`,
+  vs the greedy answer), skipping ties (and empty answers). Raises AllTiesError when no
+  prompt gives a pair."""
   d = config.dpo
   score = scorers.SCORERS[d.scorer]
   source = catalog.make_source(catalog.overridden(config.data, d.prompt_data, "dpo.prompt_data"), "train")
@@ -71,32 +76,30 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
   cands = [generation.generate_answers(run, variables, records, tokenizer, max_new_tokens=d.max_new_tokens,
                                        batch=config.eval_batch_size, temperature=d.temperature, top_k=d.top_k,
                                        rng=jax.random.fold_in(rng, k)) for k in range(d.num_candidates)]
+  greedy = d.rejected == "greedy"
+  if greedy:  # the policy's mode, the last "candidate": the only one a pair may reject
+    cands.append(generation.generate_answers(run, variables, records, tokenizer, max_new_tokens=d.max_new_tokens,
+                                             batch=config.eval_batch_size))
   pairs = []
   for j, (i, r) in enumerate(zip(idx, records)):
     answers = [c[j] for c in cands]
     scores = [score(r, a) for a in answers]
     ok = [k for k, a in enumerate(answers) if a.strip()]  # empty answers make no training row
-    if len(ok) < 2:
+    found = choose_pair(answers, scores, ok, d, rejected=len(answers) - 1 if greedy else None)
+    if found is None:
       continue
-    if d.pair_length == "matched":  # checks the gap itself
-      found = matched_pair(answers, scores, ok, d.length_tolerance, d.min_score_gap)
-      if found is None:
-        continue
-      best, worst = found
-    else:
-      best = min(ok, key=lambda k: scores[k])
-      worst = max(ok, key=lambda k: scores[k])
-      if scores[worst] - scores[best] <= d.min_score_gap or answers[best] == answers[worst]:  # ties never pair
-        continue
+    best, worst = found
     pairs.append({"id": f"{label}/{i}", "index": i, **pairs_lib.prompt_of(r), "chosen": answers[best],
                   "rejected": answers[worst], "ground_truth": pipeline.reference(r),
-                  "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores}})
+                  "scores": {"chosen": scores[best], "rejected": scores[worst], "all": scores[:d.num_candidates],
+                             **({"greedy": scores[-1]} if greedy else {})}})
   if not pairs:
     raise AllTiesError(
         f"stage {label!r}: all {len(records)} prompts gave {d.num_candidates} candidates with equal "
         f"{d.scorer} scores (within dpo.min_score_gap={d.min_score_gap}, or empty answers"
         + (f"; with dpo.pair_length='matched', or none of similar length within dpo.length_tolerance="
            f"{d.length_tolerance}" if d.pair_length == "matched" else "")
+        + ("; with dpo.rejected='greedy', no greedy answer worse than a candidate" if greedy else "")
         + "), so there are no pairs to train on; raise config.dpo.temperature, config.dpo.num_candidates or "
         "config.dpo.num_prompts")
   return pairs
@@ -106,15 +109,38 @@ def words(text: str) -> int:
   return len(text.split())
 
 
+def choose_pair(answers: list[str], scores: list[float], ok: list[int], d,
+                rejected: int | None = None) -> tuple[int, int] | None:
+  """(chosen, rejected) candidate indices of one prompt under `config.dpo` `d`, or None: best vs
+  worst (`pair_length='any'`) or the widest gap of similar length ('matched') among the
+  non-empty candidates `ok`, by more than `d.min_score_gap`; equal texts never pair. With
+  `rejected`, only that candidate may be rejected (and never chosen)."""
+  if rejected is not None and rejected not in ok:
+    return None
+  chosen = [k for k in ok if k != rejected]
+  worse = ok if rejected is None else [rejected]
+  if d.pair_length == "matched":
+    return matched_pair(answers, scores, ok, d.length_tolerance, d.min_score_gap, chosen=chosen, rejected=worse)
+  if not chosen:
+    return None
+  best = min(chosen, key=lambda k: scores[k])
+  worst = max(worse, key=lambda k: scores[k])
+  if scores[worst] - scores[best] <= d.min_score_gap or answers[best] == answers[worst]:  # ties never pair
+    return None
+  return best, worst
+
+
 def matched_pair(answers: list[str], scores: list[float], ok: list[int], tolerance: float,
-                 min_gap: float) -> tuple[int, int] | None:
+                 min_gap: float, chosen: list[int] | None = None,
+                 rejected: list[int] | None = None) -> tuple[int, int] | None:
   """(chosen, rejected) candidate indices of similar length (word counts within `tolerance` of
   the longer one's) whose scores differ most, by more than `min_gap`; ties go to the lower
-  chosen score, then the earlier candidates. None when no such pair exists."""
+  chosen score, then the earlier candidates. The chosen one comes from `chosen` and the
+  rejected one from `rejected` (both default to `ok`). None when no such pair exists."""
   found, key = None, None
   n = {k: words(answers[k]) for k in ok}
-  for a in ok:
-    for b in ok:
+  for a in (ok if chosen is None else chosen):
+    for b in (ok if rejected is None else rejected):
       gap = scores[b] - scores[a]
       if gap <= min_gap or answers[a] == answers[b] or abs(n[a] - n[b]) > tolerance * max(n[a], n[b]):
         continue
