@@ -34,6 +34,27 @@ def test_seeded_config_replaces_the_seed_arg():
   assert seeds_tool.seeded_config("configs/x.py:scale=0.1,seed=5", 1) == "configs/x.py:scale=0.1,seed=1"
 
 
+def test_reuse_from_gives_each_seed_its_own_earlier_run(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(cmd, cwd):
+    calls.append(cmd)
+    out = cmd[cmd.index("--workdir") + 1]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+      json.dump({"sft": {"eval_after": {"error": 0.5}}}, f)
+    return type("Done", (), {"returncode": 0})()
+
+  monkeypatch.setattr(seeds_tool.subprocess, "run", fake_run)
+  (tmp_path / "w0").mkdir()
+  assert seeds_tool.main(["--config", "configs/x.py", "--seeds", "2", "--workdir", str(tmp_path / "w1"),
+                          "--reuse_from", str(tmp_path / "w0"), "--", "--config.steps=3"]) == 0
+  for seed, cmd in enumerate(calls):
+    assert cmd[-2:] == [f"--config.reuse_from={tmp_path / 'w0' / f'seed_{seed}'}", "--config.steps=3"]
+  with pytest.raises(SystemExit):
+    seeds_tool.main(["--config", "configs/x.py", "--workdir", str(tmp_path / "w2"), "--reuse_from", "/nowhere"])
+
+
 def test_split_seed_draws_other_generated_sets():
   from mmjax.data import catalog
   from helpers import tiny_config

@@ -120,3 +120,48 @@ def test_headroom_stages_must_exist():
   c.headroom.update(metric="loss", floor="a", ceiling="nope")
   with pytest.raises(core.ConfigError, match="config.headroom.ceiling='nope' names no stage"):
     schema.validate(c, 1)
+
+
+def _write_config(workdir, c):
+  from mmjax.main import write_config
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_config(str(workdir), c)
+
+
+def test_reuse_copies_the_finished_stages_a_run_shares(tmp_path, capsys):
+  """config.reuse_from: a stage another workdir finished with the same stage config is copied
+  (not trained), a changed one is trained, and so is a later stage reading a trained one."""
+  from mmjax.recipes import reuse
+  first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+  c = _recipe()
+  _write_config(first, c)
+  done = stages.train_and_evaluate(c, str(first))
+  other = core.derive(c, {"stages.finetune.optimizer.lr": 1e-3, "dpo.beta": 0.5},  # dpo: unused by both
+                      reuse_from=str(first))
+  _write_config(second, other)
+  got = stages.train_and_evaluate(other, str(second))
+  log = capsys.readouterr().out
+  assert "[pretrain] reused from" in log and "[finetune] not reused" in log and "'optimizer.lr'" in log
+  assert (second / "stages" / "pretrain" / reuse.MARK).exists()
+  assert not (second / "stages" / "finetune" / reuse.MARK).exists()
+  assert got["pretrain"]["eval_after"] == pytest.approx(done["pretrain"]["eval_after"])
+  assert "state" not in got["pretrain"] and "state" in got["finetune"]  # loaded, and trained
+  pre = traverse_util.flatten_dict(done["pretrain"]["run"].merged_params(done["pretrain"]["state"]), sep="/")
+  base = traverse_util.flatten_dict(got["finetune"]["state"].frozen["params"], sep="/")
+  for k in pre:  # the trained stage starts from the copied one
+    np.testing.assert_array_equal(pre[k], base[k])
+  # from the second run: pretrain (a copy) is copied on; a changed pretrain makes finetune train too
+  changed = core.derive(c, reuse_from=str(second))
+  changed.stages.pretrain.optimizer = ml_collections.ConfigDict({"lr": 5e-3})
+  stages.train_and_evaluate(changed, str(third))
+  log = capsys.readouterr().out
+  assert "[pretrain] not reused" in log and "[finetune] not reused" in log and "reads 'pretrain'" in log
+  again = reuse.Reuse(other, str(second))  # a rerun knows its copied stages
+  assert again.bring(other, "pretrain", None, str(second / "stages" / "pretrain"))
+  assert not again.bring(other, "finetune", "pretrain", str(second / "stages" / "finetune"))
+  with pytest.raises(core.ConfigError, match=r"config.reuse_from=.* is this run's own workdir"):
+    reuse.Reuse(other, str(first))
+  for bad in (lambda: schema.validate(core.derive(c, reuse_from="/nowhere"), n_devices=8, files=True),
+              lambda: reuse.Reuse(core.derive(c, reuse_from="/nowhere"), str(third))):
+    with pytest.raises(core.ConfigError, match=r"config.reuse_from='/nowhere' is not the workdir of a run"):
+      bad()

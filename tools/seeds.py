@@ -7,7 +7,10 @@ Seed K runs `python -m mmjax.main --config CONFIG:...,seed=K --workdir WORKDIR/s
 recipe's `seed` arg sets the run seed, so initialisation and data order, and the generated
 train / eval sets: `mmjax.config.core.apply_seed`). A seed whose results.json exists is not
 run again, and an interrupted one resumes, so rerunning the command completes the set.
-Each seed's own table is its results.txt. Then:
+Each seed's own table is its results.txt. With `--reuse_from W0` (an earlier run of this tool),
+seed K gets `--config.reuse_from=W0/seed_K`: the stages W0's seed K finished with the same
+stage config are copied instead of trained (`mmjax.recipes.reuse`), so an ablation of the
+later stages retrains only what it changes. Then:
 
   WORKDIR/seeds.json  {"seeds": [...], "rows": {row: {metric: {"values", "mean", "sd", "se", "n"}}}}
   WORKDIR/seeds.txt   one row per table row (`mmjax.recipes.results.table_rows`), each metric
@@ -41,11 +44,14 @@ def seeded_config(spec: str, seed: int) -> str:
   return f"{path}:{','.join(args + [f'seed={seed}'])}"
 
 
-def run_seed(spec: str, seed: int, workdir: str, extra: list[str]) -> dict:
-  """The recipe's results.json for `seed`, running it first when it has not finished."""
+def run_seed(spec: str, seed: int, workdir: str, extra: list[str], reuse_from: str = "") -> dict:
+  """The recipe's results.json for `seed`, running it first when it has not finished (with
+  `reuse_from`, the stages seed_K of that seeds.py workdir finished alike are copied in)."""
   out = os.path.join(workdir, f"seed_{seed}")
   done = os.path.join(out, "results.json")
   if not os.path.exists(done):
+    if reuse_from:
+      extra = [f"--config.reuse_from={os.path.join(reuse_from, f'seed_{seed}')}", *extra]
     cmd = [sys.executable, "-m", "mmjax.main", "--config", seeded_config(spec, seed), "--workdir", out, *extra]
     print(f"seed {seed}: {' '.join(cmd[1:])}", flush=True)
     r = subprocess.run(cmd, cwd=ROOT)
@@ -105,11 +111,15 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
   p.add_argument("--first_seed", type=int, default=0)
   p.add_argument("--workdir", required=True)
+  p.add_argument("--reuse_from", default="", help="an earlier seeds.py workdir: each seed copies the stages its "
+                 "seed_K finished with the same stage config instead of training them (config.reuse_from)")
   args = p.parse_args(argv)
   if args.seeds < 1:
     p.error(f"--seeds={args.seeds} must be at least 1")
+  if args.reuse_from and not os.path.isdir(args.reuse_from):
+    p.error(f"--reuse_from={args.reuse_from!r} is not a directory; give an earlier seeds.py --workdir")
   seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-  per_seed = {s: run_seed(args.config, s, args.workdir, extra) for s in seeds}
+  per_seed = {s: run_seed(args.config, s, args.workdir, extra, args.reuse_from) for s in seeds}
   summary = summarise(per_seed)
   text = format_table(summary, seeds)
   atomic_write(os.path.join(args.workdir, "seeds.json"), json.dumps(dict(seeds=seeds, rows=summary), indent=1))

@@ -16,6 +16,7 @@ keys, with their defaults and a comment each) and `validate(config, env)` (its c
   mmjax.recipes.pairs       distill_from_stage, distill_examples (rebirth)
   mmjax.recipes.select      select                          (error-driven data selection)
   mmjax.recipes.stop        stop                            (a recipe's stop rule for its rounds)
+  mmjax.recipes.reuse       reuse_from                      (stages copied from another workdir)
 
 `validate(config, n_devices, process_count, files)` runs before anything is compiled: the
 schema (unknown keys, wrong types), then, for each stage of a recipe (or the config), the

@@ -3,10 +3,10 @@
 (`config_dict()`, `validate(config, env)`) and one line here."""
 from __future__ import annotations
 
-from mmjax.recipes import pairs, select, stop
+from mmjax.recipes import pairs, reuse, select, stop
 
 KINDS = (pairs.ONLINE_PAIRS, pairs.REBIRTH, select.SELECTION)
-OWNERS = (pairs, select, stop)  # the kinds' config sections and the recipe's stop rule
+OWNERS = (pairs, select, stop, reuse)  # the kinds' config sections, the recipe's stop rule, reused stages
 
 
 def kinds_for(config) -> tuple:

@@ -26,6 +26,9 @@ Stages that start from the same stage and evaluate alike (`eval_key`: same eval 
 generation settings and model) start from the same params, so the first one's step-0
 evaluation is reused by the others instead of being computed again (a recipe's arms).
 
+With `config.reuse_from` (`mmjax.recipes.reuse`), a stage another workdir finished with the
+same stage config is copied in instead of trained.
+
 With no stages, the config itself is the only stage and works in WORKDIR.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ from mmjax.config.core import ConfigError, stage_config
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.files import atomic_write
 from mmjax.recipes import kinds, registry, results as results_lib
+from mmjax.recipes import reuse as reuse_lib
 from mmjax.recipes import stop as stop_lib
 from mmjax.train import loop
 from mmjax.train import run as run_lib
@@ -158,6 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   keep_adapter = continued(config) if recipe else set()
   adapters = {}  # stage -> {'params', 'lora'} unmerged, for the stages a later stage continues
   rule = stop_lib.Rule.of(config)  # the recipe's stop rule for its rounds (config.stop), if any
+  reuse = reuse_lib.Reuse(config, workdir) if recipe else None  # stages finished in config.reuse_from
 
   def watch(name, cfg, run, tokenizer, start_from, value=None) -> float | None:
     """The stop rule's validation value of a finished stage it watches (scored when not given);
@@ -189,6 +194,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       prev = name
       continue
     done = os.path.join(sdir, "done.json")
+    if reuse is not None:
+      reuse.bring(config, name, prev, sdir)
     start_from = cfg.init_from_stage or prev
     key = eval_key(str(start_from), cfg)
     if os.path.exists(done):  # finished before a restart: load its result, don't retrain
