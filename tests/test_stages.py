@@ -153,9 +153,12 @@ def test_reuse_copies_the_finished_stages_a_run_shares(tmp_path, capsys):
   # from the second run: pretrain (a copy) is copied on; a changed pretrain makes finetune train too
   changed = core.derive(c, reuse_from=str(second))
   changed.stages.pretrain.optimizer = ml_collections.ConfigDict({"lr": 5e-3})
-  stages.train_and_evaluate(changed, str(third))
+  r = reuse.Reuse(changed, str(third))
+  assert not r.bring(changed, "pretrain", None, str(third / "stages" / "pretrain"))
+  assert not r.bring(changed, "finetune", "pretrain", str(third / "stages" / "finetune"))
   log = capsys.readouterr().out
-  assert "[pretrain] not reused" in log and "[finetune] not reused" in log and "reads 'pretrain'" in log
+  assert "[pretrain] not reused" in log and "'optimizer.lr'" in log and "reads 'pretrain'" in log
+  assert not (third / "stages").exists()
   again = reuse.Reuse(other, str(second))  # a rerun knows its copied stages
   assert again.bring(other, "pretrain", None, str(second / "stages" / "pretrain"))
   assert not again.bring(other, "finetune", "pretrain", str(second / "stages" / "finetune"))
