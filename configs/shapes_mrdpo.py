@@ -70,7 +70,9 @@ candidates of similar length, word counts within length_tolerance of the longer 
 scores differ most, so no pair rewards a shorter caption for its length; `any`: best vs worst),
 rejected (`worst`: the worst candidate; `greedy`: the round's policy's own greedy caption, paired
 with the best candidate when that one scores better, so the pairs push down what the policy
-says rather than rare samples),
+says rather than rare samples), fresh (the rounds' prompts, the long round's and continued SFT's
+captions come from another generated train set, split_seed = seed + 1000: videos of the same
+distribution that SFT never trained on; False: SFT's own train videos),
 seed (the run seed and the generated train / eval sets).
 """
 import ml_collections
@@ -78,6 +80,7 @@ import ml_collections
 from mmjax.config import core, schema
 
 ALL_PROJECTIONS = r".*(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2|linear_1|linear_2)"
+FRESH = 1000  # fresh=True: the prompts' train set is data.split_seed seed + FRESH
 TASKS = (("video_caption", 1.0), ("video_local_caption", 1.0), ("video_qa", 1.0))
 CAPTIONS = (("video_caption", 1.0), ("video_local_caption", 1.0))
 
@@ -86,10 +89,13 @@ def get_config(arg=None):
   args = core.parse_arg(arg, scale=1.0, rounds=3, eval=3000, prompts=256, cands=6, temperature=1.0, min_gap=0.0,
                         dpo_steps=60, gt=1.0, sft_steps=1500, rebirth_steps=120, distill=512, filter_max=0.0, controls=True,
                         stop=False, margin=0.02, val=1500, lr_decay=1.0, scorer="shapes_caption",
-                        pair_length="any", length_tolerance=0.1, rejected="worst", seed=0)
+                        pair_length="any", length_tolerance=0.1, rejected="worst", fresh=False, seed=0)
   if not 0 < args.lr_decay <= 1:
     raise core.ConfigError(f"config arg lr_decay={args.lr_decay!r} is not valid; it multiplies each later round's "
                            "learning rate and must lie in (0, 1]")
+  # the rounds' prompts (and continued SFT's captions): the train videos SFT learnt, or (fresh) another
+  # generated train set of the same distribution, videos SFT never saw
+  captions = dict(pool_mix=CAPTIONS, **(dict(split_seed=args.seed + FRESH) if args.fresh else {}))
   c = schema.base_config()
   c.model.update(name="vlm", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, mlp_dim=352)
   c.vision.update(image_size=48, patch_size=16, d_model=64, n_layers=2, n_heads=4, head_dim=16, mlp_dim=128)
@@ -113,7 +119,7 @@ def get_config(arg=None):
                num_prompts=count(args.prompts), num_candidates=args.cands, temperature=args.temperature,
                min_score_gap=args.min_gap, max_new_tokens=48, scorer=args.scorer,
                pair_length=args.pair_length, length_tolerance=args.length_tolerance, rejected=args.rejected,
-               prompt_data=dict(pool_mix=CAPTIONS))
+               prompt_data=captions)
   lora_stage = dict(lora=dict(targets=ALL_PROJECTIONS), trainable=("lora/.*",))
   dpo_round = dict(lora_stage, objective="dpo", steps=K, optimizer=dict(lr=5e-4, warmup_steps=0, schedule="constant"))
   at_round = lambda r: dict(dpo_round, optimizer=dict(dpo_round["optimizer"], lr=5e-4 * args.lr_decay ** r))  # r from 0
@@ -135,7 +141,7 @@ def get_config(arg=None):
     profile = dict(lr=5e-4, warmup_steps=0, **(dict(schedule="step", step_every=K, step_rate=args.lr_decay)
                                                if args.lr_decay < 1 else dict(schedule="constant")))
     stages["cont_sft"] = dict(lora_stage, steps=R * K, init_from_stage="sft",
-                              groups=dict(captions=dict(trainable=("lora/.*",), data=dict(pool_mix=CAPTIONS))),
+                              groups=dict(captions=dict(trainable=("lora/.*",), data=captions)),
                               optimizer=profile)
     stages["long"] = dict(dpo_round, steps=R * K, init_from_stage="sft", dpo=dict(num_prompts=R * count(args.prompts)),
                           optimizer=profile)

@@ -17,7 +17,7 @@ from flax import traverse_util
 
 from helpers import ROOT, subprocess_env, tiny_config
 from mmjax.config import core, schema
-from mmjax.data import pipeline, shapes
+from mmjax.data import catalog, pipeline, shapes
 from mmjax.evals import generation, scorers
 from mmjax.recipes import pairs as recipe_pairs, stages
 from test_configs import load
@@ -135,6 +135,18 @@ def test_online_pairs_ask_for_captions_only_and_keep_the_minimum_gap(monkeypatch
   calls = iter(range(100))
   with pytest.raises(recipe_pairs.AllTiesError, match=r"within dpo.min_score_gap=5.0"):
     recipe_pairs.online_pairs(wide, None, None, None, "dpo_1")
+
+
+def test_fresh_prompts_come_from_videos_sft_never_saw():
+  _, c = load(CONFIG, "fresh=True,seed=1")
+  sft, dpo_1, cont = (stages.stage_config(c, n) for n in ("sft", "dpo_1", "cont_sft"))
+  assert sft.data.split_seed == 1 and dpo_1.dpo.prompt_data.split_seed == 1001
+  assert cont.groups.captions.data.split_seed == 1001  # the control trains on the same fresh videos
+  seen = catalog.make_source(catalog.overridden(sft.data, {"pool_mix": dpo_1.dpo.prompt_data.pool_mix}, "x"), "train")
+  fresh = catalog.make_source(catalog.overridden(sft.data, dpo_1.dpo.prompt_data, "x"), "train")
+  assert [seen[i]["caption"] for i in range(20)] != [fresh[i]["caption"] for i in range(20)]
+  _, plain = load(CONFIG, "seed=1")
+  assert "split_seed" not in stages.stage_config(plain, "dpo_1").dpo.prompt_data
 
 
 def test_matched_pairs_compare_candidates_of_similar_length():
