@@ -18,6 +18,7 @@ from flax import traverse_util
 from helpers import ROOT, subprocess_env, tiny_config
 from mmjax.config import core, schema
 from mmjax.data import catalog, pipeline, shapes
+from mmjax.data import pairs as pairs_data
 from mmjax.evals import generation, scorers
 from mmjax.recipes import pairs as recipe_pairs, stages
 from test_configs import load
@@ -147,6 +148,23 @@ def test_fresh_prompts_come_from_videos_sft_never_saw():
   assert [seen[i]["caption"] for i in range(20)] != [fresh[i]["caption"] for i in range(20)]
   _, plain = load(CONFIG, "seed=1")
   assert "split_seed" not in stages.stage_config(plain, "dpo_1").dpo.prompt_data
+
+
+def test_pairs_of_fresh_prompts_train_on_their_own_videos(monkeypatch):
+  """A pair's `index` points into the prompts' data (dpo.prompt_data), whose videos may be other
+  ones than config.data's: the frames a pair trains on are its prompt's."""
+  c = stages.stage_config(_mrdpo(SMALL + ",fresh=True"), "dpo_1")
+  calls = iter(range(100))
+  monkeypatch.setattr(generation, "generate_answers",
+                      lambda run, variables, records, tokenizer, **kw: _scripted_answers(records, next(calls)))
+  pairs = recipe_pairs.online_pairs(c, None, None, None, "dpo_1")
+  prompts = pairs_data.prompt_source(c)
+  rows = pairs_data.PairsSource(pairs, media_source=pairs_data.media_source(c))
+  sft_videos = catalog.make_source(c.data, "train")
+  for i, p in enumerate(pairs):
+    assert p["ground_truth"] == pipeline.reference(prompts[p["index"]])
+    np.testing.assert_array_equal(rows[i]["frames"], prompts[p["index"]]["frames"])
+  assert any(not np.array_equal(rows[i]["frames"], sft_videos[p["index"]]["frames"]) for i, p in enumerate(pairs))
 
 
 def test_matched_pairs_compare_candidates_of_similar_length():

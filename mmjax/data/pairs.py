@@ -111,10 +111,18 @@ def check_pairs(records: list[dict], tokenizer, seq_len: int, visual_tokens=None
                        f"room for a response in seq_len={seq_len}; shorten it or raise seq_len")
 
 
+def prompt_source(config):
+  """The train records online pairs are made for: `config.data` with the `dpo.prompt_data` overrides."""
+  return catalog.make_source(catalog.overridden(config.data, config.dpo.prompt_data, "dpo.prompt_data"), "train")
+
+
 def media_source(config):
-  """The train source pairs point into with `index`: the data of online pairs (or shapes),
-  else None (offline pairs files carry their own media paths)."""
-  if config.dpo.online or config.data.source == "shapes":
+  """The train source pairs point into with `index`: the prompts' data of online pairs
+  (`config.data` with the `dpo.prompt_data` overrides, which may draw other videos), the
+  shapes data of offline pairs, else None (offline pairs files carry their own media paths)."""
+  if config.dpo.online:
+    return prompt_source(config)
+  if config.data.source == "shapes":
     return catalog.make_source(config.data, "train")
   return None
 

@@ -69,7 +69,7 @@ def online_pairs(config, run, variables, tokenizer, label: str) -> list[dict]:
   prompt gives a pair."""
   d = config.dpo
   score = scorers.SCORERS[d.scorer]
-  source = catalog.make_source(catalog.overridden(config.data, d.prompt_data, "dpo.prompt_data"), "train")
+  source = pairs_lib.prompt_source(config)
   idx = prompt_indices(len(source), d.num_prompts, config.seed, label)
   records = [source[i] for i in idx]
   rng = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(label.encode()))
