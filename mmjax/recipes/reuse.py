@@ -119,7 +119,8 @@ class Reuse:
     cfg = stage_config(ml_collections.ConfigDict(_plain(config)), name)
     missing = sorted(inputs(cfg, prev) - self.reused)
     if missing:
-      log(f"[{name}] not reused from {self.other}: it reads {', '.join(map(repr, missing))}, trained in this run")
+      log(f"[{name}] not reused from {self.other}: it reads {', '.join(map(repr, missing))}, which this run did not "
+          "take from there")
       return False
     diff = first_difference(comparable(cfg), comparable(stage_config(self.other_config, name)))
     if diff is not None:
