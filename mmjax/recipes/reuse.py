@@ -10,9 +10,10 @@ finished (`OTHER/stages/NAME/done.json`) is copied into this workdir instead of 
   - every stage it reads (the one it starts from, `distill_from_stage`,
     `select.teacher_stage`) was reused too.
 
-OTHER's configs come from its `config.json`. A stage that differs is trained here, and so is
-every later stage that reads it; the log names the first key that differs. A copied stage's
-directory holds `reused_from.json` (its source), so a rerun after a kill knows it for one. The copy is made
+OTHER's configs come from its `config.json`; a key it lacks (one added to mmjax since) counts
+as a difference. A stage that differs is trained here, and so is every later stage that
+reads it; the log names the first key that differs. A copied stage's directory holds
+`reused_from.json` (its source), so a rerun after a kill knows it for one. The copy is made
 in a temporary directory and renamed (by process 0 of a multi-host run, into the shared
 workdir), so a kill leaves either no stage or the whole one.
 """
