@@ -46,11 +46,14 @@ def test_reuse_from_gives_each_seed_its_own_earlier_run(tmp_path, monkeypatch):
     return type("Done", (), {"returncode": 0})()
 
   monkeypatch.setattr(seeds_tool.subprocess, "run", fake_run)
-  (tmp_path / "w0").mkdir()
-  assert seeds_tool.main(["--config", "configs/x.py", "--seeds", "2", "--workdir", str(tmp_path / "w1"),
+  for seed in (0, 1):  # w0 ran seeds 0 and 1; seed 2 has nothing to reuse
+    (tmp_path / "w0" / f"seed_{seed}").mkdir(parents=True)
+    (tmp_path / "w0" / f"seed_{seed}" / "config.json").write_text("{}")
+  assert seeds_tool.main(["--config", "configs/x.py", "--seeds", "3", "--workdir", str(tmp_path / "w1"),
                           "--reuse_from", str(tmp_path / "w0"), "--", "--config.steps=3"]) == 0
-  for seed, cmd in enumerate(calls):
+  for seed, cmd in enumerate(calls[:2]):
     assert cmd[-2:] == [f"--config.reuse_from={tmp_path / 'w0' / f'seed_{seed}'}", "--config.steps=3"]
+  assert not any(a.startswith("--config.reuse_from") for a in calls[2])
   with pytest.raises(SystemExit):
     seeds_tool.main(["--config", "configs/x.py", "--workdir", str(tmp_path / "w2"), "--reuse_from", "/nowhere"])
 

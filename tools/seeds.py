@@ -8,7 +8,7 @@ recipe's `seed` arg sets the run seed, so initialisation and data order, and the
 train / eval sets: `mmjax.config.core.apply_seed`). A seed whose results.json exists is not
 run again, and an interrupted one resumes, so rerunning the command completes the set.
 Each seed's own table is its results.txt. With `--reuse_from W0` (an earlier run of this tool),
-seed K gets `--config.reuse_from=W0/seed_K`: the stages W0's seed K finished with the same
+seed K gets `--config.reuse_from=W0/seed_K` (when W0 ran seed K): the stages it finished with the same
 stage config are copied instead of trained (`mmjax.recipes.reuse`), so an ablation of the
 later stages retrains only what it changes. Then:
 
@@ -50,8 +50,11 @@ def run_seed(spec: str, seed: int, workdir: str, extra: list[str], reuse_from: s
   out = os.path.join(workdir, f"seed_{seed}")
   done = os.path.join(out, "results.json")
   if not os.path.exists(done):
-    if reuse_from:
-      extra = [f"--config.reuse_from={os.path.join(reuse_from, f'seed_{seed}')}", *extra]
+    source = os.path.join(reuse_from, f"seed_{seed}") if reuse_from else ""
+    if source and os.path.isfile(os.path.join(source, "config.json")):
+      extra = [f"--config.reuse_from={source}", *extra]
+    elif source:
+      print(f"seed {seed}: {source} holds no run; every stage is trained", flush=True)
     cmd = [sys.executable, "-m", "mmjax.main", "--config", seeded_config(spec, seed), "--workdir", out, *extra]
     print(f"seed {seed}: {' '.join(cmd[1:])}", flush=True)
     r = subprocess.run(cmd, cwd=ROOT)
