@@ -133,6 +133,9 @@ def derive(cfg, overrides=None, *, replace: tuple = (), **fields) -> ml_collecti
   return out
 
 
+INIT_STAGE = "init"  # init_from_stage: the recipe's starting model (the HF import or the seeded init), no stage
+
+
 def stage_config(config, name: str) -> ml_collections.ConfigDict:
   """The run config of stage `name` of a recipe: the top-level config with the stage's keys
   applied (its `groups`, if any, replace the config's as a whole), without the stage list."""

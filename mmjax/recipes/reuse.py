@@ -26,11 +26,10 @@ import shutil
 import jax
 import ml_collections
 
-from mmjax.config.core import ConfigError, stage_config
+from mmjax.config.core import INIT_STAGE, ConfigError, stage_config
 from mmjax.files import atomic_write, barrier
 from mmjax.objectives import registry as objectives
 
-INIT = "init"  # as in mmjax.recipes.stages: the recipe's starting model, never a stage
 MARK = "reused_from.json"  # in a copied stage's directory: where it came from
 
 
@@ -85,7 +84,7 @@ def inputs(cfg, prev: str | None) -> set:
   out = {cfg.init_from_stage or prev, cfg.distill_from_stage}
   if cfg.select.method == "errors" and cfg.select.teacher == "model":
     out.add(cfg.select.teacher_stage)
-  return {s for s in out if s and s != INIT}
+  return {s for s in out if s and s != INIT_STAGE}
 
 
 class Reuse:

@@ -41,7 +41,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from mmjax import sharding
-from mmjax.config.core import ConfigError, stage_config
+from mmjax.config.core import INIT_STAGE, ConfigError, stage_config
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.files import atomic_write
 from mmjax.recipes import kinds, registry, results as results_lib
@@ -52,7 +52,7 @@ from mmjax.train import run as run_lib
 from mmjax.train import state as state_lib
 
 
-INIT = "init"  # init_from_stage: the recipe's starting model
+INIT = INIT_STAGE  # init_from_stage: the recipe's starting model
 
 
 def config_dict() -> dict:
