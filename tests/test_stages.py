@@ -128,6 +128,22 @@ def _write_config(workdir, c):
   write_config(str(workdir), c)
 
 
+def test_reuse_inputs_are_what_each_stage_kind_reads():
+  """A stage is reused only with every stage it reads: its start, the stage rebirth distils
+  and the model teacher of a selection (each named by its kind's `reads`)."""
+  from mmjax.recipes import registry, reuse
+  c = tiny_config()
+  plain = core.derive(c, init_from_stage="")
+  rebirth = core.derive(c, init_from_stage="init", distill_from_stage="dpo_3", distill_examples=4)
+  teacher = core.derive(c, {"select.method": "errors", "select.teacher": "model", "select.teacher_stage": "big"},
+                        init_from_stage="sft")
+  facts = core.derive(teacher, {"select.teacher": "facts"})
+  for cfg, prev, want in ((plain, "sft", {"sft"}), (plain, None, set()), (rebirth, "dpo_3", {"dpo_3"}),
+                          (teacher, "x", {"sft", "big"}), (facts, "x", {"sft"})):
+    assert reuse.inputs(cfg, prev, registry.kinds_for(cfg)) == want
+  assert reuse.inputs(rebirth, "x", ()) == set()  # without its kinds, nothing names what it distils
+
+
 def test_reuse_copies_the_finished_stages_a_run_shares(tmp_path, capsys):
   """config.reuse_from: a stage another workdir finished with the same stage config is copied
   (not trained), a changed one is trained, and so is a later stage reading a trained one."""
@@ -154,14 +170,14 @@ def test_reuse_copies_the_finished_stages_a_run_shares(tmp_path, capsys):
   changed = core.derive(c, reuse_from=str(second))
   changed.stages.pretrain.optimizer = ml_collections.ConfigDict({"lr": 5e-3})
   r = reuse.Reuse(changed, str(third))
-  assert not r.bring(changed, "pretrain", None, str(third / "stages" / "pretrain"))
-  assert not r.bring(changed, "finetune", "pretrain", str(third / "stages" / "finetune"))
+  assert not r.bring(changed, "pretrain", None, str(third / "stages" / "pretrain"), ())
+  assert not r.bring(changed, "finetune", "pretrain", str(third / "stages" / "finetune"), ())
   log = capsys.readouterr().out
   assert "[pretrain] not reused" in log and "'optimizer.lr'" in log and "reads 'pretrain'" in log
   assert not (third / "stages").exists()
   again = reuse.Reuse(other, str(second))  # a rerun knows its copied stages
-  assert again.bring(other, "pretrain", None, str(second / "stages" / "pretrain"))
-  assert not again.bring(other, "finetune", "pretrain", str(second / "stages" / "finetune"))
+  assert again.bring(other, "pretrain", None, str(second / "stages" / "pretrain"), ())
+  assert not again.bring(other, "finetune", "pretrain", str(second / "stages" / "finetune"), ())
   with pytest.raises(core.ConfigError, match=r"config.reuse_from=.* is this run's own workdir"):
     reuse.Reuse(other, str(first))
   for bad in (lambda: schema.validate(core.derive(c, reuse_from="/nowhere"), n_devices=8, files=True),

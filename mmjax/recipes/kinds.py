@@ -9,7 +9,9 @@ into the stage's directory, once, before training (`prepare`, through
   selection     `mmjax.recipes.select.Selection`   pool records chosen from a student's errors
 
 A kind may also change the stage's config so that training reads its file (`configure`,
-applied before the stage's `Run` is built; it must not depend on the file's content). The
+applied before the stage's `Run` is built; it must not depend on the file's content), and
+names the earlier stages whose results it reads (`reads`: rebirth the stage it distils,
+selection its model teacher), so that `mmjax.recipes.reuse` copies a stage only with them. The
 objective finds the prepared files by kind name in `DataContext.prepared`.
 `mmjax.recipes.registry` lists the kinds; `mmjax.recipes.stages` applies those whose
 `applies(config)` holds, in that order, with no per-kind branches.
@@ -73,9 +75,18 @@ class StageKind:
     """The stage config that trains on the file at `path` (default: unchanged)."""
     return config
 
+  def reads(self, config) -> set:
+    """The earlier stages whose final weights the file is made from (besides the stage's start)."""
+    return set()
+
   def produce(self, ctx: StageContext) -> str | bytes:
     """The file's content (called on every process when the file is missing)."""
     raise NotImplementedError
+
+
+def reads(kinds, config) -> set:
+  """The earlier stages the kinds of a stage read."""
+  return set().union(*(kind.reads(config) for kind in kinds))
 
 
 def configure(kinds, config, sdir: str):

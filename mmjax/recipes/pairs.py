@@ -226,6 +226,9 @@ class Rebirth(kinds.StageKind):
   def applies(self, config) -> bool:
     return bool(config.distill_from_stage)
 
+  def reads(self, config) -> set:
+    return {config.distill_from_stage}
+
   def configure(self, config, path):
     if not config.distill_data:
       return derive(config, {"data.responses_path": path})

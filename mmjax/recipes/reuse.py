@@ -7,8 +7,8 @@ finished (`OTHER/stages/NAME/done.json`) is copied into this workdir instead of 
 
   - its stage config equals this run's, apart from `reuse_from` itself and the sections of
     objectives the stage does not train with (a DPO setting does not change an SFT stage), and
-  - every stage it reads (the one it starts from, `distill_from_stage`,
-    `select.teacher_stage`) was reused too.
+  - every stage it reads (the one it starts from, and those its stage kinds read:
+    `distill_from_stage`, `select.teacher_stage`; `StageKind.reads`) was reused too.
 
 OTHER's configs come from its `config.json`; a key it lacks (one added to mmjax since) counts
 as a difference. A stage that differs is trained here, and so is every later stage that
@@ -29,6 +29,7 @@ import ml_collections
 from mmjax.config.core import INIT_STAGE, ConfigError, stage_config
 from mmjax.files import atomic_write, barrier
 from mmjax.objectives import registry as objectives
+from mmjax.recipes import kinds
 
 MARK = "reused_from.json"  # in a copied stage's directory: where it came from
 
@@ -79,11 +80,9 @@ def first_difference(a, b, prefix: str = "") -> str | None:
   return None if a == b else prefix.rstrip(".")
 
 
-def inputs(cfg, prev: str | None) -> set:
-  """The stages whose results a stage reads."""
-  out = {cfg.init_from_stage or prev, cfg.distill_from_stage}
-  if cfg.select.method == "errors" and cfg.select.teacher == "model":
-    out.add(cfg.select.teacher_stage)
+def inputs(cfg, prev: str | None, stage_kinds) -> set:
+  """The stages whose results a stage reads: the one it starts from and those its kinds read."""
+  out = {cfg.init_from_stage or prev} | kinds.reads(stage_kinds, cfg)
   return {s for s in out if s and s != INIT_STAGE}
 
 
@@ -102,8 +101,9 @@ class Reuse:
     with open(os.path.join(self.other, "config.json")) as f:
       self.other_config = ml_collections.ConfigDict(json.load(f))
 
-  def bring(self, config, name: str, prev: str | None, sdir: str, log=print) -> bool:
-    """Copies OTHER's finished stage `name` to `sdir` when it may stand for this run's; True
+  def bring(self, config, name: str, prev: str | None, sdir: str, stage_kinds, log=print) -> bool:
+    """Copies OTHER's finished stage `name` to `sdir` when it may stand for this run's (the stage
+    kinds that apply to it name the stages it reads besides its start); True
     when it did (`sdir/done.json` then exists), or when an earlier attempt of this run did
     (its `reused_from.json`). A stage this run finished itself is left as it is."""
     if not self.other:
@@ -117,7 +117,7 @@ class Reuse:
     if not os.path.isfile(os.path.join(src, "done.json")) or name not in self.other_config.stages:
       return False
     cfg = stage_config(ml_collections.ConfigDict(_plain(config)), name)
-    missing = sorted(inputs(cfg, prev) - self.reused)
+    missing = sorted(inputs(cfg, prev, stage_kinds) - self.reused)
     if missing:
       log(f"[{name}] not reused from {self.other}: it reads {', '.join(map(repr, missing))}, which this run did not "
           "take from there")

@@ -242,6 +242,10 @@ class Selection(kinds.StageKind):
   def applies(self, config) -> bool:
     return bool(config.select.method)
 
+  def reads(self, config) -> set:
+    s = config.select
+    return {s.teacher_stage} if s.method == "errors" and s.teacher == "model" else set()
+
   def configure(self, config, path):
     return with_selection(derive(config, steps=stage_steps(config)), path)
 

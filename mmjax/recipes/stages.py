@@ -195,7 +195,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       continue
     done = os.path.join(sdir, "done.json")
     if reuse is not None:
-      reuse.bring(config, name, prev, sdir)
+      reuse.bring(config, name, prev, sdir, stage_kinds)
     start_from = cfg.init_from_stage or prev
     key = eval_key(str(start_from), cfg)
     if os.path.exists(done):  # finished before a restart: load its result, don't retrain
