@@ -13,9 +13,11 @@ model `vision/` + `heads/` (mmjax/models/heads.py):
                detection and segmentation losses off;
   heads        ViSFT stage 1: the tower is frozen; the detection, segmentation and caption
                heads train on all three tasks (trainable = params/heads/.*);
-  lora         ViSFT stage 2: the heads are frozen; a rank-64 LoRA on the tower's attention and
-               MLP trains through them on all task losses (trainable = lora/vision/.*).
-Controls, each `lora_steps` steps more than `heads` (the same compute as `lora`):
+  lora         ViSFT stage 2: the heads are frozen; a LoRA (rank `lora_rank`, 64, alpha = rank) on
+               the tower's attention and MLP trains through them on all task losses at
+               `lora_lr` (trainable = lora/vision/.*).
+Controls, each `lora_steps` steps more than `heads` (the same compute as `lora`; the LoRA ones
+with its rank and learning rate):
   lora_caption stage 2 through the caption head alone (detection and segmentation weights 0);
   lora_detseg  stage 2 through the detection and segmentation heads alone (caption weight 0);
   lora_weights stage 2 with other task-loss weights (`weights`: detection-segmentation-caption);
@@ -39,7 +41,8 @@ To start from a real tower instead of `pretrain`, set
 (see configs/clip_coco_visft.py for COCO on a GPU node).
 
 Args: scale (float, multiplies all step counts; e.g. scale=0.02 for a smoke test),
-pretrain_steps, heads_steps, lora_steps, weights (lora_weights' task weights, dashes between
+pretrain_steps, heads_steps, lora_steps, lora_rank and lora_lr (stage 2's adapter and
+learning rate, in lora, joint and every LoRA control), weights (lora_weights' task weights, dashes between
 them), eval (held-out images for the task metrics), probe (train images the probes are fitted
 on), probe_eval (held-out images each probe is scored on: 1024 puts a difference of 0.03 in a
 three-seed mean outside two standard errors), ood (the out-of-domain probe sets; False for
@@ -63,13 +66,17 @@ PROBE_SETS = {  # out of domain: what the tower never sees in training (mmjax/ev
 
 
 def get_config(arg=None):
-  args = core.parse_arg(arg, scale=1.0, pretrain_steps=300, heads_steps=300, lora_steps=200, weights="2-2-0.5",
+  args = core.parse_arg(arg, scale=1.0, pretrain_steps=300, heads_steps=300, lora_steps=200, lora_rank=64, lora_lr=1e-3,
+                        weights="2-2-0.5",
                         eval=128, probe=512, probe_eval=1024, ood=True, controls=True, seed=0)
   try:
     w_det, w_seg, w_cap = (float(x) for x in str(args.weights).split("-"))
   except ValueError:
     raise core.ConfigError(f"config arg weights={args.weights!r} is not valid; expected three task weights "
                            "detection-segmentation-caption, e.g. 2-2-0.5") from None
+  if not (args.lora_rank > 0 and args.lora_lr > 0):
+    raise core.ConfigError(f"config args lora_rank={args.lora_rank!r}, lora_lr={args.lora_lr!r} are not valid; "
+                           "stage 2's adapter rank must be a positive integer and its learning rate > 0")
   c = schema.base_config()
   c.objective = "visft"
   c.model.name = "visft"
@@ -91,8 +98,8 @@ def get_config(arg=None):
   c.lora.targets = ""
   c.optimizer.update(warmup_steps=20, schedule="cosine", clip_norm=1.0, weight_decay=0.0)
   steps = lambda n: max(int(n * args.scale), 2)
-  stage2 = dict(steps=steps(args.lora_steps), trainable=("lora/vision/.*",), optimizer=dict(lr=1e-3),
-                lora=dict(targets=TOWER_LORA, rank=64, alpha=64.0))
+  stage2 = dict(steps=steps(args.lora_steps), trainable=("lora/vision/.*",), optimizer=dict(lr=float(args.lora_lr)),
+                lora=dict(targets=TOWER_LORA, rank=args.lora_rank, alpha=float(args.lora_rank)))
   stages = {
       "pretrain": dict(
           steps=steps(args.pretrain_steps), trainable=("params/.*",), optimizer=dict(lr=1e-3),

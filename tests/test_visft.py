@@ -284,6 +284,22 @@ def test_config_errors(edit, match):
   assert "\n" not in str(e.value)
 
 
+def test_stage2_rank_and_learning_rate_args_reach_every_lora_arm():
+  from test_configs import load as load_config
+  path = os.path.join(ROOT, "configs", "shapes_visft.py")
+  load = lambda arg=None: load_config(path, arg)[1]
+  c = load("lora_rank=16,lora_lr=3e-4")
+  for name in ("lora", "lora_caption", "lora_detseg", "lora_weights", "joint"):
+    cfg = core.stage_config(c, name)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.optimizer.lr) == (16, 16.0, 3e-4), name
+  for name in ("pretrain", "heads", "heads_long"):
+    assert core.stage_config(c, name).optimizer.lr == 1e-3, name
+  default = core.stage_config(load(), "lora")
+  assert (default.lora.rank, default.lora.alpha, default.optimizer.lr) == (64, 64.0, 1e-3)
+  with pytest.raises(core.ConfigError, match=r"lora_rank=0, lora_lr=0.001 are not valid"):
+    load("lora_rank=0")
+
+
 # ------------------------------------------------------------------------- HF tower + COCO
 
 
