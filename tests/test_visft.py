@@ -216,6 +216,25 @@ def test_probes_use_as_many_held_out_images_as_asked(one_device, monkeypatch):
   assert [r["caption"] for r in big[:8]] == [r["caption"] for r in small]
 
 
+def test_probes_on_a_dataset_smaller_than_asked_stop_with_one_line(one_device, tmp_path):
+  """A dataset on disk with fewer images than the probes ask for is an error, not a smaller probe."""
+  from mmjax.data import coco_tiny
+  root = str(tmp_path / "coco")
+  coco_tiny.write_tiny_coco(root, "train", 12, image_size=48)
+  coco_tiny.write_tiny_coco(root, "val", 6, image_size=48, seed=1)
+  run, state = one_device["s1"][0], one_device["s1"][4]
+  data = core.derive(run.config.data, source="coco", coco_root=root, train_split="train", eval_split="val",
+                     num_train_examples=12, num_eval_examples=6)
+  with jax.set_mesh(one_device["mesh"]):
+    got = visft_eval._probe(run, state.variables, data, ("count",), 12, 6, "probe_")
+    assert 0 <= got["probe_count"] <= 1
+    with pytest.raises(core.ConfigError, match=r"the visft probes \(in-domain\) ask for .*probe_eval_examples=8 "
+                                               r"held-out images, but data.source='coco' has 12 and 6; ask for at most "
+                                               r"those") as e:
+      visft_eval._probe(run, state.variables, data, ("count",), 12, 8, "probe_")
+  assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("probe, match", [
     ({"labels": ("size",)}, r"visft.probe_sets.x.labels has 'size'; valid: count, shape, colour, retrieval"),
     ({"labels": ("shape",)}, r"visft.probe_sets.x: labels shape / colour .* data.max_objects=1 .*not 2"),

@@ -19,7 +19,8 @@ the training maximum, a noise background), on that set's own images:
 
 Each probe is fitted on `visft.probe_train_examples` train images and scored on
 `visft.probe_eval_examples` held-out images; both lists are fixed, so before/after numbers of
-a stage compare the same images.
+a stage compare the same images. Generated data is made that large; a dataset on disk with
+fewer images stops the evaluation with a one-line ConfigError (0 turns the probes off).
 """
 from __future__ import annotations
 
@@ -145,14 +146,21 @@ def check_probe_set(data_cfg, name: str, probe, files: bool = False) -> None:
 
 def _probe(run, variables, data, labels, train_n: int, eval_n: int, prefix: str) -> dict:
   """The `labels` probes of tower features on `data`'s train / held-out images: `train_n` and
-  `eval_n` of them (generated sets are made that large; a dataset on disk gives what it has)."""
+  `eval_n` of them (generated sets are made that large; a dataset on disk must hold that many,
+  else a ConfigError: a probe on fewer images than asked has a larger error than planned)."""
   config = run.config
   data = derive(data, {"num_train_examples": max(train_n, data.num_train_examples),
                        "num_eval_examples": max(eval_n, data.num_eval_examples)})
+  if not train_n or not eval_n:
+    return {}
   train = catalog.records(data, "train", train_n)
   test = catalog.records(data, "eval", eval_n)
-  if not train or not test:
-    return {}
+  if len(train) < train_n or len(test) < eval_n:
+    name = prefix[len("probe_"):].rstrip("_")
+    which = f"visft.probe_sets.{name}" if name else "in-domain"
+    raise ConfigError(f"the visft probes ({which}) ask for config.visft.probe_train_examples={train_n} train and "
+                      f"probe_eval_examples={eval_n} held-out images, but data.source={data.source!r} has "
+                      f"{len(train)} and {len(test)}; ask for at most those (0 turns the probes off)")
   load = lambda recs: np.stack([media.load_image(r["image"], data.image_size) for r in recs])
   xtr = features.tower_features(run, variables, load(train), config.eval_batch_size)
   xte = features.tower_features(run, variables, load(test), config.eval_batch_size)
