@@ -21,6 +21,9 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and out
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_string("compile_cache", None, "Directory of XLA's compiled programs, shared by the stages and reruns "
+                    "that compile the same ones (default: $JAX_COMPILATION_CACHE_DIR, else WORKDIR/compile_cache; "
+                    "'none': off).")
 
 
 def _fail(msg: str, code: int = 2):
@@ -147,6 +150,7 @@ def main(argv=None):
   from mmjax.config import core, schema
   from mmjax.recipes import stages
   from mmjax.train import checkpoint, loop
+  runtime.use_compile_cache(runtime.compile_cache(FLAGS.compile_cache, FLAGS.workdir))  # before anything compiles
 
   maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config

@@ -13,6 +13,13 @@ threads that use it, so `mmjax.main` and `tools/bench.py` call it before JAX's b
 start (`config.reuse_host_memory`, on by default) when JAX will run on the CPU
 (`cpu_backend_expected`): on GPU and TPU hosts the step's buffers live in device memory and
 the host keeps glibc's defaults. A no-op where libc is not glibc.
+
+`compile_cache(flag, workdir)`: where XLA keeps compiled programs between the stages and runs
+that compile the same one (JAX's persistent compilation cache). Each stage of a recipe builds
+its own jitted steps, so without it a DPO round recompiles what the round before compiled;
+with it, `shapes_mrdpo` at `scale=0.02` (three rounds) ran in 118 s instead of 160 s from an
+empty cache and in 67 s when rerun (2-core AMD EPYC, 2026-12-06). Programs that compile in
+under a second are not kept (JAX's default).
 """
 from __future__ import annotations
 
@@ -68,3 +75,23 @@ def cpu_backend_expected(environ=None) -> bool:
   if importlib.util.find_spec("libtpu") is not None and (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio")):
     return False
   return True
+
+
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def compile_cache(flag: str | None, workdir: str, environ=None) -> str:
+  """The compilation cache directory of a run: `flag` when given ('none' or '' turns the
+  cache off: returns ''), else JAX's own environment variable when set, else
+  WORKDIR/compile_cache (kept with the run, shared by its stages and reruns)."""
+  environ = os.environ if environ is None else environ
+  if flag is not None:
+    return "" if flag.strip().lower() in ("", "none") else flag
+  return environ.get(CACHE_ENV) or os.path.join(workdir, "compile_cache")
+
+
+def use_compile_cache(path: str) -> None:
+  """Points JAX's persistent compilation cache at `path` ('' leaves it off)."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", path or None)
+

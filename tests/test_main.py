@@ -47,7 +47,7 @@ def _flatten(tree, prefix=""):
 
 
 def test_end_to_end_writes_metrics_tensorboard_and_checkpoints(tmp_path):
-  r = run_main(TINY + ["--workdir", str(tmp_path)])
+  r = run_main(TINY + ["--workdir", str(tmp_path)], env={"JAX_COMPILATION_CACHE_DIR": ""})  # not the suite's cache
   assert r.returncode == 0, r.stderr[-3000:]
   rows = _train_rows(tmp_path)
   assert sorted(rows) == [1, 2, 3, 4, 5, 6]
@@ -57,6 +57,7 @@ def test_end_to_end_writes_metrics_tensorboard_and_checkpoints(tmp_path):
   assert os.listdir(tmp_path / "tb")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]  # keep_checkpoints=2
   assert set(_trainable(tmp_path, 6)) and all(k.startswith("lora/") for k in _trainable(tmp_path, 6))
+  assert os.listdir(tmp_path / "compile_cache")  # by default the run's compiled steps, for its next stage or rerun
 
 
 def test_exact_resume_after_sigkill(tmp_path):

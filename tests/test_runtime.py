@@ -1,4 +1,4 @@
-"""mmjax.runtime: host allocator settings (checked in fresh processes)."""
+"""mmjax.runtime: host allocator settings (checked in fresh processes) and the compilation cache."""
 import subprocess
 import sys
 
@@ -55,3 +55,12 @@ def test_slurm_xla_gpu_flags_are_known_to_the_installed_xla():
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0 and r.stdout.strip() == "4.0", r.stderr[-2000:]
   assert "source launch/xla_gpu_flags.sh" in open(f"{ROOT}/launch/slurm.sbatch").read()
+
+
+def test_compile_cache_directory():
+  from mmjax import runtime
+  assert runtime.compile_cache(None, "/w", {}) == "/w/compile_cache"  # kept with the run
+  assert runtime.compile_cache(None, "/w", {runtime.CACHE_ENV: "/c"}) == "/c"  # JAX's own variable
+  assert runtime.compile_cache("/shared", "/w", {runtime.CACHE_ENV: "/c"}) == "/shared"
+  for off in ("none", "None", ""):
+    assert runtime.compile_cache(off, "/w", {runtime.CACHE_ENV: "/c"}) == ""

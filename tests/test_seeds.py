@@ -46,6 +46,7 @@ def test_reuse_from_gives_each_seed_its_own_earlier_run(tmp_path, monkeypatch):
     return type("Done", (), {"returncode": 0})()
 
   monkeypatch.setattr(seeds_tool.subprocess, "run", fake_run)
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   for seed in (0, 1):  # w0 ran seeds 0 and 1; seed 2 has nothing to reuse
     (tmp_path / "w0" / f"seed_{seed}").mkdir(parents=True)
     (tmp_path / "w0" / f"seed_{seed}" / "config.json").write_text("{}")
@@ -54,6 +55,8 @@ def test_reuse_from_gives_each_seed_its_own_earlier_run(tmp_path, monkeypatch):
   for seed, cmd in enumerate(calls[:2]):
     assert cmd[-2:] == [f"--config.reuse_from={tmp_path / 'w0' / f'seed_{seed}'}", "--config.steps=3"]
   assert not any(a.startswith("--config.reuse_from") for a in calls[2])
+  for cmd in calls:  # every seed compiles into one cache
+    assert f"--compile_cache={tmp_path / 'w1' / 'compile_cache'}" in cmd
   with pytest.raises(SystemExit):
     seeds_tool.main(["--config", "configs/x.py", "--workdir", str(tmp_path / "w2"), "--reuse_from", "/nowhere"])
 

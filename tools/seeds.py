@@ -10,7 +10,9 @@ run again, and an interrupted one resumes, so rerunning the command completes th
 Each seed's own table is its results.txt. With `--reuse_from W0` (an earlier run of this tool),
 seed K gets `--config.reuse_from=W0/seed_K` (when W0 ran seed K): the stages it finished with the same
 stage config are copied instead of trained (`mmjax.recipes.reuse`), so an ablation of the
-later stages retrains only what it changes. Then:
+later stages retrains only what it changes. The seeds share one compilation cache,
+WORKDIR/compile_cache (`mmjax.runtime.compile_cache`; unless `-- --compile_cache=...` or
+$JAX_COMPILATION_CACHE_DIR names another), so seed 1 on reuses what seed 0 compiled. Then:
 
   WORKDIR/seeds.json  {"seeds": [...], "rows": {row: {metric: {"values", "mean", "sd", "se", "n"}}}}
   WORKDIR/seeds.txt   one row per table row (`mmjax.recipes.results.table_rows`), each metric
@@ -33,6 +35,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mmjax import runtime  # noqa: E402
 from mmjax.files import atomic_write  # noqa: E402
 from mmjax.recipes import results as results_lib  # noqa: E402
 
@@ -55,6 +58,8 @@ def run_seed(spec: str, seed: int, workdir: str, extra: list[str], reuse_from: s
       extra = [f"--config.reuse_from={source}", *extra]
     elif source:
       print(f"seed {seed}: {source} holds no run; every stage is trained", flush=True)
+    if not any(a.startswith("--compile_cache") for a in extra) and not os.environ.get(runtime.CACHE_ENV):
+      extra = [f"--compile_cache={os.path.join(workdir, 'compile_cache')}", *extra]  # one cache for every seed
     cmd = [sys.executable, "-m", "mmjax.main", "--config", seeded_config(spec, seed), "--workdir", out, *extra]
     print(f"seed {seed}: {' '.join(cmd[1:])}", flush=True)
     r = subprocess.run(cmd, cwd=ROOT)
