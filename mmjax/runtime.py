@@ -94,4 +94,3 @@ def use_compile_cache(path: str) -> None:
   """Points JAX's persistent compilation cache at `path` ('' leaves it off)."""
   import jax
   jax.config.update("jax_compilation_cache_dir", path or None)
-
