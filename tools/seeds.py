@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 
 from mmjax import runtime  # noqa: E402
 from mmjax.files import atomic_write  # noqa: E402
-from mmjax.recipes import results as results_lib  # noqa: E402
+from mmjax.recipes import results as results_lib, reuse  # noqa: E402
 
 
 def seeded_config(spec: str, seed: int) -> str:
@@ -54,12 +54,12 @@ def run_seed(spec: str, seed: int, workdir: str, extra: list[str], reuse_from: s
   done = os.path.join(out, "results.json")
   if not os.path.exists(done):
     source = os.path.join(reuse_from, f"seed_{seed}") if reuse_from else ""
-    if source and os.path.isfile(os.path.join(source, "config.json")):
+    if source and reuse.is_run(source):
       extra = [f"--config.reuse_from={source}", *extra]
     elif source:
       print(f"seed {seed}: {source} holds no run; every stage is trained", flush=True)
-    if not any(a.startswith("--compile_cache") for a in extra) and not os.environ.get(runtime.CACHE_ENV):
-      extra = [f"--compile_cache={os.path.join(workdir, 'compile_cache')}", *extra]  # one cache for every seed
+    if not any(a.startswith("--compile_cache") for a in extra):  # one cache for every seed
+      extra = [f"--compile_cache={runtime.compile_cache(None, workdir)}", *extra]
     cmd = [sys.executable, "-m", "mmjax.main", "--config", seeded_config(spec, seed), "--workdir", out, *extra]
     print(f"seed {seed}: {' '.join(cmd[1:])}", flush=True)
     r = subprocess.run(cmd, cwd=ROOT)

@@ -148,11 +148,11 @@ def _probe(run, variables, data, labels, train_n: int, eval_n: int, prefix: str)
   """The `labels` probes of tower features on `data`'s train / held-out images: `train_n` and
   `eval_n` of them (generated sets are made that large; a dataset on disk must hold that many,
   else a ConfigError: a probe on fewer images than asked has a larger error than planned)."""
+  if not train_n or not eval_n:
+    return {}
   config = run.config
   data = derive(data, {"num_train_examples": max(train_n, data.num_train_examples),
                        "num_eval_examples": max(eval_n, data.num_eval_examples)})
-  if not train_n or not eval_n:
-    return {}
   train = catalog.records(data, "train", train_n)
   test = catalog.records(data, "eval", eval_n)
   if len(train) < train_n or len(test) < eval_n:

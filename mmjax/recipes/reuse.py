@@ -46,8 +46,13 @@ def validate(config, env) -> None:
     check_source(config.reuse_from)
 
 
+def is_run(path: str) -> bool:
+  """Whether `path` is the workdir of a run (it holds the config.json mmjax.main writes)."""
+  return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def check_source(path: str) -> None:
-  if not os.path.isfile(os.path.join(path, "config.json")):
+  if not is_run(path):
     raise ConfigError(f"config.reuse_from={path!r} is not the workdir of a run (it has no config.json); give the "
                       "--workdir of an earlier run of the recipe, or '' to train every stage")
 

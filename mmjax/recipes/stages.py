@@ -52,8 +52,6 @@ from mmjax.train import run as run_lib
 from mmjax.train import state as state_lib
 
 
-INIT = INIT_STAGE  # init_from_stage: the recipe's starting model
-
 
 def config_dict() -> dict:
   return dict(
@@ -85,10 +83,12 @@ def validate_recipe(config) -> None:
 
 
 def validate(config, env) -> None:
-  if config.init_from_stage not in ("", INIT) + tuple(env.earlier_stages):
+  if config.init_from_stage not in ("", INIT_STAGE) + tuple(env.earlier_stages):
     raise ConfigError(f"config.init_from_stage={config.init_from_stage!r} names no earlier stage; "
-                      f"earlier stages: {', '.join(env.earlier_stages) or 'none'} (or {INIT!r}, the starting model)")
-  if config.continue_adapter and (not config.lora.targets or config.init_from_stage == INIT or not env.earlier_stages):
+                      f"earlier stages: {', '.join(env.earlier_stages) or 'none'} "
+                      f"(or {INIT_STAGE!r}, the starting model)")
+  if config.continue_adapter and (not config.lora.targets or config.init_from_stage == INIT_STAGE
+                                  or not env.earlier_stages):
     raise ConfigError("config.continue_adapter=True continues an earlier stage's adapter: it needs config.lora.targets "
                       "and a start from an earlier stage of the recipe (not the first stage, not init_from_stage='init')")
 
@@ -214,7 +214,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     adapter = None
     if cfg.continue_adapter:  # the earlier stage's unmerged params, and its adapter trained on
       base, adapter = adapters[start_from]["params"], adapters[start_from]["lora"]
-    elif start_from in (None, INIT):
+    elif start_from in (None, INIT_STAGE):
       base = run.family.import_hf(cfg, run)
     else:
       with jax.set_mesh(mesh):
